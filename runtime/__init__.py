@@ -1,0 +1,1 @@
+"""Run side: lean (numpy, tokenizers, jinja2, pillow); never imports torch or transformers."""
