@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -22,15 +24,29 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def randn(name: str, shape: tuple[int, ...], std: float, seed: int, device: str = "cpu",
+@dataclass(frozen=True)
+class Correlated:
+    """Seed of a weight set correlated with another one: value = ρ·N_base + √(1−ρ²)·N_own (unit variance
+    kept). The unconditional DiT uses it so that, as in a trained model, the two branches agree roughly and
+    classifier-free guidance amplifies a difference rather than two unrelated predictions."""
+    own: int
+    base: int
+    rho: float
+
+
+def randn(name: str, shape: tuple[int, ...], std: float, seed: int | Correlated, device: str = "cpu",
           mean: float = 0.0) -> torch.Tensor:
     """fp32 normal tensor, deterministic for (seed, name, shape, device type)."""
+    if isinstance(seed, Correlated):
+        t = randn(name, shape, seed.rho, seed.base, device)
+        t.add_(randn(name, shape, math.sqrt(1.0 - seed.rho**2), seed.own, device))
+        return t.mul_(std).add_(mean)
     g = torch.Generator(device=device).manual_seed(tensor_seed(seed, name))
     t = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
     return t.mul_(std).add_(mean)
 
 
-def linear_tensors(prefix: str, out_f: int, in_f: int, *, seed: int, device: str = "cpu",
+def linear_tensors(prefix: str, out_f: int, in_f: int, *, seed: int | Correlated, device: str = "cpu",
                    bias: bool, quantize: bool = True, gain: float = 1.0,
                    bias_std: float = 0.02) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of one Linear `prefix` in checkpoint form: e4m3 weight + fp32 per-row scale (+ bf16 bias).
@@ -49,7 +65,7 @@ def linear_tensors(prefix: str, out_f: int, in_f: int, *, seed: int, device: str
         yield f"{prefix}.bias", randn(f"{prefix}.bias", (out_f,), bias_std, seed, device).to(torch.bfloat16)
 
 
-def norm_gain(name: str, dim: int, *, seed: int, device: str = "cpu", std: float = 0.05,
+def norm_gain(name: str, dim: int, *, seed: int | Correlated, device: str = "cpu", std: float = 0.05,
               mean: float = 1.0) -> torch.Tensor:
     """A bf16 norm gain near 1 (not exactly 1, so a wrong gain layout shows up in tests)."""
     return randn(name, (dim,), std, seed, device, mean=mean).to(torch.bfloat16)
