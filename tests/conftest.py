@@ -1,0 +1,22 @@
+"""Shared fixtures: one tiny synthetic checkpoint per test session, and the reference pipeline over it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The 'tiny' synthetic checkpoint (seed 0), written once per session (~3 s)."""
+    from ideogram4_engine.export.synthetic.writer import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_checkpoint):
+    """ReferencePipeline over the tiny checkpoint (CPU). Shared: tests must not mutate it."""
+    from ideogram4_engine.export.pipeline import ReferencePipeline
+
+    return ReferencePipeline.from_checkpoint(tiny_checkpoint)
