@@ -69,7 +69,7 @@ class DiTConfig:
 
 
 def quantized_linears(cfg: DiTConfig) -> dict[str, tuple[int, int, bool]]:
-    """Every Linear of the DiT: name -> (out, in, has_bias). The FP8 release quantizes all 7 + 5·L of them."""
+    """Every Linear of the DiT: name -> (out, in, has_bias). The FP8 release quantizes all 7 + 6·L of them (211 at 34 layers)."""
     D, A = cfg.emb_dim, cfg.adanln_dim
     lin = {
         "input_proj": (D, cfg.in_channels, True),
