@@ -24,9 +24,6 @@ COMPONENTS = {  # folder -> weight file stem (§1.1)
 }
 SYNTHETIC_MARKER = "synthetic.json"
 NF4_KEY_MARKERS = (".quant_state.bitsandbytes__", ".absmax", ".quant_map")
-# Keys a Qwen3VLModel checkpoint may carry that the text-only encoder never uses.
-TE_IGNORED_PREFIXES = ("visual.", "model.visual.")
-TE_IGNORED_SUFFIXES = (".inv_freq",)
 
 
 class CheckpointError(ValueError):
@@ -208,7 +205,7 @@ def _dit(root: Path, name: str) -> Component:
 
 
 def _text_encoder(root: Path) -> Component:
-    from .text_encoder import load_text_encoder_config, text_encoder_inventory, is_fp8_weight_only
+    from .text_encoder import is_fp8_weight_only, is_ignored_key, load_text_encoder_config, text_encoder_inventory
     folder = root / "text_encoder"
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder}: config.json missing")
@@ -225,8 +222,7 @@ def _text_encoder(root: Path) -> Component:
     if fp8_weights and not fp8_flag:
         raise CheckpointError(f"{folder}: weights are FP8 but config.json lacks \"ideogram_fp8_weight_only\": true")
     inventory = text_encoder_inventory(config.text_config, fp8_flag)
-    quantized = check_inventory(str(folder), files.header, inventory,
-                                ignore=lambda k: k.startswith(TE_IGNORED_PREFIXES) or k.endswith(TE_IGNORED_SUFFIXES))
+    quantized = check_inventory(str(folder), files.header, inventory, ignore=is_ignored_key)
     return Component("text_encoder", files, quantized, config)
 
 

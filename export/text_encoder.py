@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.masking_utils import create_causal_mask
@@ -178,7 +177,7 @@ class TextEncoder(nn.Module):
         return torch.stack(caps).movedim(0, -1).reshape(b, n, self.feature_dim).float()
 
 
-def _is_ignored(name: str) -> bool:
+def is_ignored_key(name: str) -> bool:
     """Vision tower and rotary buffers may be stored; they are never used."""
     return name.startswith("visual.") or name.endswith(".inv_freq")
 
@@ -194,7 +193,7 @@ def build_text_encoder(config: PreTrainedConfig, tensors: Iterable[tuple[str, to
     sd: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for name, t in tensors:
-        if _is_ignored(name):
+        if is_ignored_key(name):
             continue
         if not name.startswith(PREFIX):
             unexpected.append(name)
@@ -233,26 +232,6 @@ def build_text_encoder(config: PreTrainedConfig, tensors: Iterable[tuple[str, to
     return TextEncoder(lm)
 
 
-def checkpoint_files(te_folder: Path) -> list[Path]:
-    """`model.safetensors.index.json` (unique shards, relative to its folder, sorted) or `model.safetensors`."""
-    index = te_folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [te_folder / s for s in sorted(set(weight_map.values()))]
-    single = te_folder / "model.safetensors"
-    if not single.exists():
-        raise FileNotFoundError(f"{te_folder}: neither model.safetensors.index.json nor model.safetensors")
-    return [single]
-
-
-def _read(files: list[Path], device: str) -> Iterable[tuple[str, torch.Tensor]]:
-    for f in files:
-        with safe_open(str(f), framework="pt", device=device) as fh:
-            for name in fh.keys():
-                if not _is_ignored(name):
-                    yield name, fh.get_tensor(name)
-
-
 def load_text_encoder(te_folder: str | Path, device: str = "cpu", attn_implementation: str = "sdpa") -> TextEncoder:
     """Load `text_encoder/` (config.json + model.safetensors or sharded index) via safetensors only.
 
@@ -260,7 +239,11 @@ def load_text_encoder(te_folder: str | Path, device: str = "cpu", attn_implement
     Eager features of a prefix equal the full prompt's bit for bit; sdpa's CPU kernel blocks by sequence
     length, so those differ by bf16 rounding.
     """
+    from .checkpoint import COMPONENTS, component_files, load_tensors
+
     te_folder = Path(te_folder)
     config = load_text_encoder_config(te_folder)
-    return build_text_encoder(config, _read(checkpoint_files(te_folder), str(device)), device,
+    files = component_files(te_folder, COMPONENTS["text_encoder"])
+    wanted = [k for k in files.header if not is_ignored_key(k)]
+    return build_text_encoder(config, load_tensors(files, str(device), wanted).items(), device,
                               attn_implementation)
