@@ -5,8 +5,24 @@ BIN := $(VENV)/bin
 CONFIG ?= tiny
 OUT ?= checkpoints/$(CONFIG)
 SEED ?= 0
+DEFAULT_CHECKPOINT := checkpoints/tiny
+CHECKPOINT ?= $(DEFAULT_CHECKPOINT)
+PROMPT ?= A lighthouse on a rocky coast at dusk, long exposure, waves crashing on the rocks.
+WIDTH ?= 512
+HEIGHT ?= 512
+PRESET ?= V4_DEFAULT_20
+OUTPUT ?= out.png
 
-.PHONY: test checkpoint clean
+.PHONY: run test checkpoint clean
+
+# Main job: prompt -> $(OUTPUT). Today through the PyTorch reference pipeline (the lean runtime replaces it
+# when it lands). With the default CHECKPOINT the tiny synthetic checkpoint is created first.
+run: $(BIN)/.installed $(if $(filter $(DEFAULT_CHECKPOINT),$(CHECKPOINT)),$(DEFAULT_CHECKPOINT)/synthetic.json)
+	$(BIN)/python -m ideogram4_engine.export.reference --checkpoint $(CHECKPOINT) --prompt "$(PROMPT)" \
+		--width $(WIDTH) --height $(HEIGHT) --sampler-preset $(PRESET) --seed $(SEED) --output $(OUTPUT)
+
+$(DEFAULT_CHECKPOINT)/synthetic.json: | $(BIN)/.installed
+	$(BIN)/python -m ideogram4_engine.export.synthetic --config tiny --out $(DEFAULT_CHECKPOINT)
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
