@@ -289,3 +289,27 @@ def load_tensors(files: ComponentFiles, device: str = "cpu", names: Iterable[str
                 if new is not None:
                     out[new] = sf.get_tensor(k)
     return out
+
+
+class TensorSource:
+    """On-demand tensor access by checkpoint name (one tensor in memory at a time: exports of the 9 GB DiTs
+    stream weight by weight)."""
+
+    def __init__(self, files: ComponentFiles, rename: Callable[[str], str] = lambda k: k):
+        self.files = files
+        self._names = {rename(k): k for k in files.header}
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def keys(self):
+        return self._names.keys()
+
+    def get(self, name: str):
+        from safetensors import safe_open
+        key = self._names[name]
+        f = self.files.header[key].file
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+        return self._handles[f].get_tensor(key)

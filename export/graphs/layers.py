@@ -1,0 +1,81 @@
+"""Layer emitters shared by the component graphs. Each mirrors the reference's bf16 rounding points: an op
+on bf16 tensors is one bf16 rounding, a composite (SiLU, norms) is computed in fp32 and rounded once, as
+PyTorch's kernels do."""
+from __future__ import annotations
+
+import torch
+
+from ..fp8 import FP8_DTYPE
+from .builder import BF16, F32, GraphBuilder
+
+
+def linear(g: GraphBuilder, x: str, prefix: str, src, *, bias: bool) -> str:
+    """y = x·W_effᵀ (+ b). An FP8 weight is stored transposed (in, out) as e4m3 with its per-output bf16 scale,
+    and DequantizeLinear(axis=1) gives W_eff = bf16(q·bf16(s)) — the official formula — right before MatMul.
+    Transposing at export keeps the bytes and spares a Transpose in the graph. A float weight is stored bf16."""
+    w = src.get(f"{prefix}.weight")
+    if w.dtype == FP8_DTYPE:
+        q = g.weight(f"{prefix}.weight", w.t().contiguous())
+        s = g.weight(f"{prefix}.weight_scale", src.get(f"{prefix}.weight_scale").to(torch.bfloat16))
+        w_eff = g.op("DequantizeLinear", q, s, axis=1)
+    else:
+        w_eff = g.weight(f"{prefix}.weight", w.to(torch.bfloat16).t().contiguous())
+    y = g.op("MatMul", x, w_eff)
+    if bias:
+        y = g.op("Add", y, g.weight(f"{prefix}.bias", src.get(f"{prefix}.bias").to(torch.bfloat16)))
+    return y
+
+
+def gain(g: GraphBuilder, name: str, src, dtype=torch.bfloat16) -> str:
+    return g.weight(name, src.get(name).to(dtype))
+
+
+def to_f32(g: GraphBuilder, x: str) -> str:
+    return g.op("Cast", x, to=F32)
+
+
+def to_bf16(g: GraphBuilder, x: str) -> str:
+    return g.op("Cast", x, to=BF16)
+
+
+def rms_norm(g: GraphBuilder, x: str, gain_name: str | None, src, eps: float, *,
+             gain_before_round: bool = True) -> str:
+    """RMSNorm of a bf16 tensor over its last axis, statistics in fp32.
+
+    gain_before_round=True: bf16(x·rsqrt(mean(x²)+eps)·g) — PyTorch's `F.rms_norm` (the DiT).
+    False: bf16(x·rsqrt(…))·g in bf16 — the Hugging Face Qwen RMSNorm (the text encoder)."""
+    xf = to_f32(g, x)
+    ms = g.op("ReduceMean", g.op("Mul", xf, xf), g.i64(-1), keepdims=1)
+    y = g.op("Mul", xf, g.op("Reciprocal", g.op("Sqrt", g.op("Add", ms, g.const(eps)))))
+    if gain_name is None:
+        return to_bf16(g, y)
+    if gain_before_round:
+        return to_bf16(g, g.op("Mul", y, gain(g, gain_name, src, torch.float32)))
+    return g.op("Mul", to_bf16(g, y), gain(g, gain_name, src))
+
+
+def layer_norm(g: GraphBuilder, x: str, eps: float) -> str:
+    """LayerNorm without affine parameters over the last axis: fp32 statistics, one bf16 rounding."""
+    xf = to_f32(g, x)
+    mean = g.op("ReduceMean", xf, g.i64(-1), keepdims=1)
+    d = g.op("Sub", xf, mean)
+    var = g.op("ReduceMean", g.op("Mul", d, d), g.i64(-1), keepdims=1)
+    return to_bf16(g, g.op("Mul", d, g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps))))))
+
+
+def silu(g: GraphBuilder, x: str) -> str:
+    """SiLU of a bf16 tensor computed in fp32 and rounded once (PyTorch's bf16 kernel)."""
+    xf = to_f32(g, x)
+    return to_bf16(g, g.op("Mul", xf, g.op("Sigmoid", xf)))
+
+
+def rotate_half(g: GraphBuilder, x: str, half: int) -> str:
+    """concat(−x[..., half:], x[..., :half]) — the NeoX pairing of element i with i + half."""
+    lo = g.op("Slice", x, g.i64(0), g.i64(half), g.i64(-1))
+    hi = g.op("Slice", x, g.i64(half), g.i64(2 * half), g.i64(-1))
+    return g.op("Concat", g.op("Neg", hi), lo, axis=-1)
+
+
+def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
+    """x·cos + rot(x)·sin, each product and the sum rounded to bf16 like the reference."""
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotate_half(g, x, head_dim // 2), sin))
