@@ -22,9 +22,28 @@ def _types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+def _fused_bias_matmuls(model: onnx.ModelProto) -> set[str]:
+    """Outputs of MatMuls whose only consumer is an Add of an initializer (a Linear's bias). GEMM libraries
+    (PyTorch's addmm, cuBLASLt epilogues, TensorRT) add the bias to the fp32 accumulator and round once, so
+    these MatMul results are not rounded on their own."""
+    inits = {i.name for i in model.graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out = set()
+    for n in model.graph.node:
+        if n.op_type == "MatMul":
+            users = consumers.get(n.output[0], [])
+            if len(users) == 1 and users[0].op_type == "Add" and any(i in inits for i in users[0].input):
+                out.add(n.output[0])
+    return out
+
+
 def bf16_to_fp32_emulation(model: onnx.ModelProto) -> onnx.ModelProto:
     """The fp32-with-bf16-rounding twin of a bf16 graph (same inputs, outputs and weight file)."""
     types = _types(model)
+    unrounded = _fused_bias_matmuls(model)
     nodes: list[onnx.NodeProto] = []
     twin: dict[str, str] = {}          # bf16 value -> fp32 value holding the same number
 
@@ -46,7 +65,9 @@ def bf16_to_fp32_emulation(model: onnx.ModelProto) -> onnx.ModelProto:
             if types.get(o) != BF16:
                 continue
             twin[o] = f"{o}__f32"
-            if node.op_type == "Cast":                # the rounding itself: keep it, then widen
+            if o in unrounded:                        # bias epilogue follows: stay fp32
+                new.output[j] = twin[o]
+            elif node.op_type == "Cast":                # the rounding itself: keep it, then widen
                 post.append(helper.make_node("Cast", [o], [twin[o]], to=F32, name=f"cast_{twin[o]}"))
             else:                                     # compute in fp32, round to bf16, widen
                 new.output[j] = f"{o}__raw"

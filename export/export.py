@@ -1,0 +1,325 @@
+"""`make export`: checkpoint folder → engines/<name>/ with ONNX graphs and manifest.json (the contract).
+
+Each component is exported to a canonical bf16 graph `<c>.onnx` and its CPU twin `<c>.cpu.onnx`
+(fp32 compute with bf16 rounding after every op; onnxruntime's CPU provider has no bf16 kernels), both
+reading the same weight file `<c>.onnx.data`. Everything is written into a temporary folder that replaces the
+output folder only when complete; components whose inputs are unchanged since the last export are reused.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import torch
+from tqdm import tqdm
+
+from ..runtime import latents as latent_tables
+from ..runtime.packing import MAX_ASPECT, MAX_SIDE, MAX_TEXT_TOKENS, MIN_SIDE, PIXELS_PER_TOKEN
+from ..runtime.schedule import DEFAULT_PRESET, PRESETS, TAU_MAX, TAU_MIN
+from .checkpoint import Checkpoint, Component, TensorSource, open_checkpoint
+from .dit import rope_inv_freq
+from .fp8 import quantize_rows
+from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
+from .graphs.cpu import bf16_to_fp32_emulation
+from .inventory import scale_name
+
+EXPORTER_VERSION = 1          # bump whenever the graphs an unchanged checkpoint exports would change
+COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
+SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond": "unconditional_transformer",
+          "vae_decoder": "vae"}
+WEIGHT_MODES = ("fp8", "keep")
+SCHEMA = Path(__file__).with_name("manifest.schema.json")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    attention_form: str = "op"     # "op": opset-23 Attention; "matmul": MatMul→Softmax→MatMul
+    weights: str = "fp8"           # fp8: float (unquantized) Linears are quantized to e4m3 at export with
+                                   # the per-row RTN formula; FP8 ones are kept. keep: float Linears stay bf16
+    progress: bool = True
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class QuantizingSource:
+    """A TensorSource view that serves float Linear weights as e4m3 + per-row fp32 scale, quantized on the
+    fly with the same round-to-nearest formula as the synthetic writer (`fp8.quantize_rows`)."""
+
+    def __init__(self, src: TensorSource, float_linears: set[str]):
+        self.src, self.float_linears = src, float_linears
+        self._last: tuple[str, tuple] | None = None
+
+    def _quantized(self, weight: str):
+        if self._last is None or self._last[0] != weight:
+            self._last = (weight, quantize_rows(self.src.get(weight)))
+        return self._last[1]
+
+    def get(self, name: str):
+        if name in self.float_linears:
+            return self._quantized(name)[0]
+        if name.endswith("_scale") and name[: -len("_scale")] in self.float_linears:
+            return self._quantized(name[: -len("_scale")])[1]
+        return self.src.get(name)
+
+
+def _source(comp: Component, inventory: dict, weights: str):
+    src = TensorSource(comp.files)
+    if weights == "keep":
+        return src, "kept-dtype"
+    float_linears = {k for k, s in inventory.items() if s.kind == "linear" and k not in comp.quantized}
+    if not float_linears:
+        return src, "checkpoint"
+    return QuantizingSource(src, float_linears), "fp8-quantized-at-export"
+
+
+def _io(name, dtype, shape, meaning):
+    return {"name": name, "dtype": dtype, "shape": shape, "meaning": meaning}
+
+
+def component_io(name: str, ckpt: Checkpoint) -> tuple[list, list, str]:
+    dit = ckpt.components["transformer"].config
+    F, hd = dit.llm_features_dim, dit.head_dim
+    rope = _io("rope_cos", "float32", ["batch", "sequence", hd], "")
+    if name == "text_encoder":
+        return ([_io("input_ids", "int64", ["batch", "text_tokens"],
+                     "ids of the chat-templated prompt (see tokenizer); rows of one batch have equal length, no padding")],
+                [_io("text_features", "float32", ["batch", "text_tokens", F],
+                     "residual stream after the 13 tapped decoder layers, hidden-major / tap-minor (f = d*13 + j)")],
+                "once per prompt; the features do not depend on size, seed or step")
+    if name in ("dit_cond", "dit_uncond"):
+        seq = "sequence" if name == "dit_cond" else "image_tokens"
+        ins = [_io("latents", "float32", ["batch", "image_tokens", dit.in_channels],
+                   "sampler state z in normalised token space, raster order (token n = r*grid_w + c)"),
+               _io("tau", "float32", ["batch"], "model time of the step (rounded to bf16 inside the graph)"),
+               {**rope, "shape": ["batch", seq, hd],
+                "meaning": "cos of the MRoPE angles, rope section; rows = " +
+                           ("[text tokens; image tokens]" if name == "dit_cond" else "image tokens")},
+               {**rope, "name": "rope_sin", "shape": ["batch", seq, hd], "meaning": "sin of the same angles"}]
+        if name == "dit_cond":
+            ins.append(_io("text_features", "float32", ["batch", "text_tokens", F],
+                           "text_encoder output; sequence = text_tokens + image_tokens"))
+        outs = [_io("velocity", "float32", ["batch", "image_tokens", dit.in_channels], "predicted velocity v")]
+        call = ("every step, at the step's tau: " + ("conditional branch v_c" if name == "dit_cond" else
+                "unconditional branch v_u (image tokens only, separate weights)"))
+        return ins, outs, call
+    return ([_io("latents", "float32", ["batch", "grid_h", "grid_w", 128],
+                 "final sampler state z (batch, grid_h*grid_w, 128) viewed as a grid; de-normalised and "
+                 "unpatchified inside the graph")],
+            [_io("image", "uint8", ["batch", "height", "width", 3], "RGB pixels, height = 16*grid_h, width = 16*grid_w")],
+            "once per image after the last step")
+
+
+def _build(name: str, ckpt: Checkpoint, path: Path, opts: ExportOptions, progress: Callable) -> tuple[GraphBuilder, str]:
+    comp = ckpt.components[SOURCE[name]]
+    if name == "text_encoder":
+        from .graphs.text_encoder import build_text_encoder
+        from .text_encoder import text_encoder_inventory
+        src, mode = _source(comp, text_encoder_inventory(comp.config.text_config, True), opts.weights)
+        return build_text_encoder(comp.config.text_config, src, path, attention_form=opts.attention_form,
+                                  progress=progress), mode
+    if name in ("dit_cond", "dit_uncond"):
+        from .dit import dit_inventory
+        from .graphs.dit import build_dit
+        src, mode = _source(comp, dit_inventory(comp.config), opts.weights)
+        return build_dit(comp.config, src, path, text=name == "dit_cond", attention_form=opts.attention_form,
+                         progress=progress), mode
+    from .graphs.vae import build_vae_decoder
+    return build_vae_decoder(comp.config, TensorSource(comp.files), path, progress=progress), "checkpoint"
+
+
+def _cache_key(name: str, ckpt: Checkpoint, opts: ExportOptions, file_hashes: dict[str, str]) -> str:
+    comp = ckpt.components[SOURCE[name]]
+    cfg = comp.config.to_dict() if hasattr(comp.config, "to_dict") else comp.config.__dict__
+    blob = json.dumps({"exporter": EXPORTER_VERSION, "component": name, "attention": opts.attention_form,
+                       "weights": opts.weights, "config": cfg, "files": file_hashes}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _file_entry(path: Path) -> dict:
+    return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def _tools() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "onnx": onnx.__version__}
+    for pkg in ("transformers", "safetensors", "onnxruntime", "ideogram4-engine"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _model_section(ckpt: Checkpoint) -> dict:
+    from .text_encoder import tap_layers
+    dit = ckpt.components["transformer"].config
+    te = ckpt.components["text_encoder"].config.text_config
+    return {"dit": {**dit.to_json_dict(), "head_dim": dit.head_dim},
+            "text_encoder": {"hidden_size": te.hidden_size, "num_hidden_layers": te.num_hidden_layers,
+                             "taps": list(tap_layers(te.num_hidden_layers)), "vocab_size": te.vocab_size},
+            "vae": ckpt.components["vae"].config.to_json_dict()}
+
+
+def _static_sections(ckpt: Checkpoint) -> dict:
+    dit = ckpt.components["transformer"].config
+    return {
+        "tokenizer": {"folder": "tokenizer", "max_text_tokens": MAX_TEXT_TOKENS, "add_generation_prompt": True,
+                      "add_special_tokens": False,
+                      "message": [{"role": "user", "content": [{"type": "text", "text": "<prompt>"}]}],
+                      "chat_template": "tokenizer_config.json: chat_template (Jinja), rendered verbatim"},
+        "sampler": {
+            "presets": {n: {"steps": p.steps, "guidance": list(p.guidance), "mu": p.mu, "std": p.std}
+                        for n, p in PRESETS.items()},
+            "default_preset": DEFAULT_PRESET, "tau_min": TAU_MIN, "tau_max": TAU_MAX,
+            "schedule": "u_k = linspace(0, 1, steps+1) (float32, torch semantics); mu = mu_base + 0.5*ln(H*W/512^2); "
+                        "tau(u) = clamp(1 - sigmoid(mu + std*ndtri(u)), tau_min, tau_max) in float64, cast to float32",
+            "loop": "for i = steps-1 .. 0: tau = tau(u[i+1]), dt = float32(tau(u[i]) - tau); v_c = dit_cond, "
+                    "v_u = dit_uncond; g = guidance[i] (index 0 = last step); z += (g*v_c + (1-g)*v_u)*dt, all float32; "
+                    "z0 ~ N(0, 1) of shape (batch, image_tokens, 128)",
+        },
+        "latents": {"token_channels": latent_tables.TOKEN_CHANNELS,
+                    "channel_order": "k = (ph*2 + pw)*32 + c; applied inside vae_decoder",
+                    "shift": [float(x) for x in latent_tables.LATENT_SHIFT],
+                    "scale": [float(x) for x in latent_tables.LATENT_SCALE]},
+        "rope": {"head_dim": dit.head_dim, "theta": dit.rope_theta, "mrope_section": list(dit.mrope_section),
+                 "inv_freq": [float(x) for x in rope_inv_freq(dit.head_dim, dit.rope_theta)],
+                 "image_position_offset": 65536,
+                 "tables": "text token p: position (p,p,p); image token (r,c): (65536, 65536+r, 65536+c); slot i of "
+                           "head_dim/2 takes axis h if i%3==1 and i<3*sec[1], w if i%3==2 and i<3*sec[2], else t; "
+                           "angle = float32(pos[axis]) * inv_freq[i] (one float32 product); "
+                           "cos/sin of [angles, angles] (runtime: float64 evaluation, rounded to float32)"},
+        "limits": {"min_side": MIN_SIDE, "max_side": MAX_SIDE, "multiple": PIXELS_PER_TOKEN,
+                   "max_aspect": MAX_ASPECT, "max_text_tokens": MAX_TEXT_TOKENS},
+    }
+
+
+def validate_manifest(manifest: dict) -> None:
+    import jsonschema
+    jsonschema.validate(manifest, json.loads(SCHEMA.read_text()))
+
+
+def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = ExportOptions(),
+           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
+    """Export every component; returns the manifest. Raises before writing anything if the checkpoint or the
+    options are bad."""
+    if opts.attention_form not in ("op", "matmul"):
+        raise ValueError(f"attention form {opts.attention_form!r}; allowed: op, matmul")
+    if opts.weights not in WEIGHT_MODES:
+        raise ValueError(f"weights mode {opts.weights!r}; allowed: {', '.join(WEIGHT_MODES)}")
+    ckpt = open_checkpoint(checkpoint)
+    log(ckpt.describe())
+    out = Path(out).absolute()
+    old = _read_old_manifest(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        hashes: dict[str, dict[str, str]] = {}
+        components = {}
+        for name in COMPONENTS:
+            comp = ckpt.components[SOURCE[name]]
+            if SOURCE[name] not in hashes:
+                hashes[SOURCE[name]] = {f.name: sha256_file(f) for f in comp.files.files}
+            key = _cache_key(name, ckpt, opts, hashes[SOURCE[name]])
+            reused = _reuse(old, out, tmp, name, key)
+            if reused is not None:
+                log(f"{name}: unchanged since the last export, reused")
+                components[name] = reused
+                continue
+            t0 = time.perf_counter()
+            graph = tmp / f"{name}.onnx"
+            with tqdm(desc=f"export {name}", unit="layer", disable=not opts.progress, file=sys.stderr) as bar:
+                def progress(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.n = done
+                    bar.refresh()
+                builder, mode = _build(name, ckpt, graph, opts, progress)
+                model = builder.save(graph)
+            onnx.save(bf16_to_fp32_emulation(model), str(tmp / f"{name}.cpu.onnx"))
+            ins, outs, call = component_io(name, ckpt)
+            components[name] = {
+                "graphs": {"bf16": _file_entry(graph), "cpu": _file_entry(tmp / f"{name}.cpu.onnx")},
+                "data": _file_entry(tmp / f"{name}.onnx.data"),
+                "inputs": ins, "outputs": outs, "call": call, "cache_key": key,
+                "weights": mode, "initializer_bytes": builder.weight_bytes,
+                "checkpoint_bytes": comp.files.nbytes, "export_seconds": round(time.perf_counter() - t0, 3),
+            }
+            log(f"{name}: {builder.weight_bytes / 1e6:.1f} MB of weights "
+                f"({builder.weight_bytes / comp.files.nbytes:.3f}x the checkpoint's), "
+                f"{time.perf_counter() - t0:.1f} s")
+        shutil.copytree(ckpt.root / "tokenizer", tmp / "tokenizer")
+        manifest = {
+            "format": "ideogram4-engine/manifest", "format_version": 1,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "exporter": {"version": EXPORTER_VERSION, "opset": OPSET, "ir_version": IR_VERSION,
+                         "attention_form": opts.attention_form,
+                         "weights": _weights_summary({c["weights"] for c in components.values()}),
+                         "tools": _tools()},
+            "source": {"checkpoint": str(ckpt.root), "synthetic": ckpt.synthetic},
+            "model": _model_section(ckpt),
+            **_static_sections(ckpt),
+            "components": components,
+        }
+        validate_manifest(manifest)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _weights_summary(modes: set[str]) -> str:
+    for mode in ("fp8-quantized-at-export", "kept-dtype"):
+        if mode in modes:
+            return mode
+    return "checkpoint"
+
+
+def _read_old_manifest(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _reuse(old: dict | None, out: Path, tmp: Path, name: str, key: str) -> dict | None:
+    """Hard-link (or copy) an unchanged component's files from the previous export, if they are intact."""
+    entry = (old or {}).get("components", {}).get(name)
+    if not entry or entry.get("cache_key") != key:
+        return None
+    files = [*entry["graphs"].values(), entry["data"]]
+    if any(not (out / f["file"]).is_file() or (out / f["file"]).stat().st_size != f["bytes"] for f in files):
+        return None
+    for f in files:
+        try:
+            os.link(out / f["file"], tmp / f["file"])
+        except OSError:
+            shutil.copy2(out / f["file"], tmp / f["file"])
+    return entry
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
