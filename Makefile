@@ -3,7 +3,9 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= tiny
-OUT ?= checkpoints/$(CONFIG)
+# OUT is the output folder of `make checkpoint` (default checkpoints/$(CONFIG)) and of `make export`
+# (default engines/tiny); the default depends on the target, so it is resolved per recipe.
+given = $(if $(filter command line environment,$(origin $(1))),$($(1)),$(2))
 SEED ?= 0
 DEFAULT_CHECKPOINT := checkpoints/tiny
 CHECKPOINT ?= $(DEFAULT_CHECKPOINT)
@@ -13,7 +15,7 @@ HEIGHT ?= 512
 PRESET ?= V4_DEFAULT_20
 OUTPUT ?= out.png
 
-.PHONY: run test checkpoint clean
+.PHONY: run test checkpoint export clean
 
 # Main job: prompt -> $(OUTPUT). Today through the PyTorch reference pipeline (the lean runtime replaces it
 # when it lands). With the default CHECKPOINT the tiny synthetic checkpoint is created first.
@@ -28,14 +30,20 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[build,test]'
+	$(BIN)/pip install -q -e '.[build,ort-cpu,test]'
 	touch $@
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
 checkpoint: $(BIN)/.installed
-	$(BIN)/python -m ideogram4_engine.export.synthetic --config $(CONFIG) --out $(OUT) --seed $(SEED)
+	$(BIN)/python -m ideogram4_engine.export.synthetic --config $(CONFIG) --out $(call given,OUT,checkpoints/$(CONFIG)) --seed $(SEED)
+
+# checkpoint -> ONNX graphs (FP8 kept as FP8) + manifest.json. ATTENTION=op|matmul; EXPORT_FLAGS=--keep-dtype …
+ATTENTION ?= op
+export: $(BIN)/.installed $(if $(filter $(DEFAULT_CHECKPOINT),$(CHECKPOINT)),$(DEFAULT_CHECKPOINT)/synthetic.json)
+	$(BIN)/python -m ideogram4_engine.export --checkpoint $(CHECKPOINT) --out $(call given,OUT,engines/tiny) \
+		--attention $(ATTENTION) $(EXPORT_FLAGS)
 
 clean:
 	rm -rf $(VENV) checkpoints

@@ -1,0 +1,150 @@
+"""`make export` end to end on the tiny checkpoint: manifest contract, checksums, reuse, atomicity,
+unquantized inputs, and the whole sampler driven over the exported graphs against the torch reference."""
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ideogram4_engine.export import export as export_mod
+from ideogram4_engine.export.checkpoint import CheckpointError
+from ideogram4_engine.export.export import ExportOptions, export, validate_manifest
+from ideogram4_engine.export.pipeline import SamplingParams
+from ideogram4_engine.runtime.packing import token_grid
+from ideogram4_engine.runtime.rope import dit_rope_tables
+from ideogram4_engine.runtime.schedule import plan, resolution_mu
+
+QUIET = ExportOptions(progress=False)
+ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64, "uint8": onnx.TensorProto.UINT8}
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    logs = []
+    manifest = export(tiny_checkpoint, out, QUIET, log=logs.append)
+    return out, manifest, logs
+
+
+def sessions(out, manifest):
+    return {name: ort.InferenceSession(str(out / c["graphs"]["cpu"]["file"]), providers=["CPUExecutionProvider"])
+            for name, c in manifest["components"].items()}
+
+
+def test_manifest_is_complete_and_checksums_match(exported):
+    out, manifest, _ = exported
+    validate_manifest(json.loads((out / "manifest.json").read_text()))
+    assert manifest["source"]["synthetic"]["config"] == "tiny"
+    assert manifest["exporter"]["opset"] >= 21 and manifest["exporter"]["ir_version"] <= 13
+    for name, comp in manifest["components"].items():
+        for entry in [*comp["graphs"].values(), comp["data"]]:
+            assert hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest() == entry["sha256"], entry
+        for variant in comp["graphs"].values():
+            model = onnx.load(str(out / variant["file"]), load_external_data=False)
+            graph_in = [(i.name, i.type.tensor_type.elem_type) for i in model.graph.input]
+            graph_out = [(o.name, o.type.tensor_type.elem_type) for o in model.graph.output]
+            assert graph_in == [(i["name"], ONNX_DTYPES[i["dtype"]]) for i in comp["inputs"]], name
+            assert graph_out == [(o["name"], ONNX_DTYPES[o["dtype"]]) for o in comp["outputs"]], name
+            onnx.checker.check_model(str(out / variant["file"]))
+        assert comp["initializer_bytes"] <= 1.05 * comp["checkpoint_bytes"], name
+    assert (out / "tokenizer" / "tokenizer.json").exists()
+    assert [p.name for p in out.parent.iterdir()] == ["tiny"]            # no temporary folder left
+
+
+def test_unchanged_components_are_reused(exported, tiny_checkpoint):
+    out, manifest, _ = exported
+    logs = []
+    again = export(tiny_checkpoint, out, QUIET, log=logs.append)
+    assert sum("reused" in line for line in logs) == 4
+    assert {n: c["cache_key"] for n, c in again["components"].items()} == \
+           {n: c["cache_key"] for n, c in manifest["components"].items()}
+    logs = []
+    other = out.parent / "matmul"
+    export(tiny_checkpoint, other, ExportOptions(attention_form="matmul", progress=False), log=logs.append)
+    assert not any("reused" in line for line in logs)
+    shutil.rmtree(other)
+
+
+def test_failed_export_leaves_previous_output_intact(exported, tiny_checkpoint, monkeypatch):
+    out, manifest, _ = exported
+    before = (out / "manifest.json").read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("builder crashed (simulated)")
+    monkeypatch.setattr(export_mod, "_build", boom)
+    monkeypatch.setattr(export_mod, "_reuse", lambda *a, **k: None)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export(tiny_checkpoint, out, QUIET)
+    assert (out / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]
+
+
+def test_bad_inputs_are_refused_before_writing(tmp_path, tiny_checkpoint):
+    with pytest.raises(CheckpointError, match="missing component folder"):
+        export(tmp_path, tmp_path / "out", QUIET)
+    with pytest.raises(ValueError, match="attention form 'flash'; allowed: op, matmul"):
+        export(tiny_checkpoint, tmp_path / "out", ExportOptions(attention_form="flash"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unquantized_checkpoint_is_quantized_at_export(tiny_checkpoint, tmp_path):
+    ck = tmp_path / "bf16"
+    shutil.copytree(tiny_checkpoint, ck)
+    folder = ck / "unconditional_transformer"
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(f))
+        f.unlink()
+    (folder / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    for k in [k for k in tensors if k.endswith(".weight_scale")]:
+        w = k[: -len("_scale")]
+        tensors[w] = tensors[w].to(torch.bfloat16) * tensors.pop(k).to(torch.bfloat16)[:, None]
+    save_file(tensors, folder / "diffusion_pytorch_model.safetensors")
+    m = export(ck, tmp_path / "e_fp8", QUIET)
+    comp = m["components"]["dit_uncond"]
+    assert comp["weights"] == "fp8-quantized-at-export" and m["exporter"]["weights"] == "fp8-quantized-at-export"
+    model = onnx.load(str(tmp_path / "e_fp8" / "dit_uncond.onnx"), load_external_data=False)
+    fp8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    assert len(fp8) == sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear") > 0
+    kept = export(ck, tmp_path / "e_keep", ExportOptions(weights="keep", progress=False))["components"]["dit_uncond"]
+    assert kept["weights"] == "kept-dtype" and kept["initializer_bytes"] > 1.8 * comp["initializer_bytes"]
+
+
+def test_sampler_over_exported_graphs_matches_reference(exported, tiny_pipeline):
+    """A plain test loop over onnxruntime (text encoder → both DiTs × 3 steps → VAE) against the torch
+    reference pipeline on the same prompt and noise."""
+    out, manifest, _ = exported
+    s = sessions(out, manifest)
+    height, width = 256, 384
+    gh, gw = token_grid(height, width)
+    ids = tiny_pipeline.tokenize("A lighthouse on a cliff at dusk, waves, long exposure.")
+    feats, = s["text_encoder"].run(None, {"input_ids": np.array([ids], np.int64)})
+    ref_feats = tiny_pipeline.encode(ids)
+    e_text = np.linalg.norm(feats[0] - ref_feats.numpy()) / np.linalg.norm(ref_feats.numpy())
+    params = SamplingParams(3, 0.0, 1.75, (3.0, 7.0, 7.0))
+    noise = tiny_pipeline.noise(1, gh * gw, 11)
+    rope = manifest["rope"]
+    cos, sin = dit_rope_tables(len(ids), gh, gw, np.array(rope["inv_freq"], np.float32), tuple(rope["mrope_section"]))
+    n = len(ids)
+    z = noise.numpy().copy()
+    for st in plan(params.steps, resolution_mu(params.mu, height, width), params.std, params.guidance):
+        tau = np.array([st.tau], np.float32)
+        v_c, = s["dit_cond"].run(None, {"latents": z, "tau": tau, "rope_cos": cos[None], "rope_sin": sin[None],
+                                        "text_features": feats})
+        v_u, = s["dit_uncond"].run(None, {"latents": z, "tau": tau, "rope_cos": cos[None, n:],
+                                          "rope_sin": sin[None, n:]})
+        z = z + (np.float32(st.guidance) * v_c + np.float32(1.0 - st.guidance) * v_u) * st.dt
+    ref_z = tiny_pipeline.sample([ref_feats], height, width, params, noise).numpy()
+    e_lat = np.linalg.norm(z - ref_z) / np.linalg.norm(ref_z)
+    image, = s["vae_decoder"].run(None, {"latents": z.reshape(1, gh, gw, 128).astype(np.float32)})
+    ref_img = tiny_pipeline.decode(torch.from_numpy(ref_z), height, width)
+    within = np.mean(np.abs(image.astype(int) - ref_img.astype(int)) <= 2)
+    print(f"\ntext features rel err {e_text:.2e}, latents after 3 steps rel err {e_lat:.2e}, "
+          f"pixels within ±2: {within:.4f}")
+    assert image.shape == (1, height, width, 3) and image.dtype == np.uint8
+    assert e_text <= 1e-2 and e_lat <= 1e-2 and within >= 0.99
