@@ -140,7 +140,8 @@ def _build(name: str, ckpt: Checkpoint, path: Path, opts: ExportOptions, progres
         return build_dit(comp.config, src, path, text=name == "dit_cond", attention_form=opts.attention_form,
                          progress=progress), mode
     from .graphs.vae import build_vae_decoder
-    return build_vae_decoder(comp.config, TensorSource(comp.files), path, progress=progress), "checkpoint"
+    return build_vae_decoder(comp.config, TensorSource(comp.files), path, attention_form=opts.attention_form,
+                             progress=progress), "checkpoint"
 
 
 def _cache_key(name: str, ckpt: Checkpoint, opts: ExportOptions, file_hashes: dict[str, str]) -> str:
