@@ -1,8 +1,9 @@
 """`make export`: checkpoint folder → engines/<name>/ with ONNX graphs and manifest.json (the contract).
 
-Each component is exported to a canonical bf16 graph `<c>.onnx` and its CPU twin `<c>.cpu.onnx`
-(fp32 compute with bf16 rounding after every op; onnxruntime's CPU provider has no bf16 kernels), both
-reading the same weight file `<c>.onnx.data`. Everything is written into a temporary folder that replaces the
+Each component is exported to a canonical bf16 graph `<c>.onnx` (for TensorRT / TensorRT-RTX) and two
+per-backend twins (graphs/rewrite.py): `<c>.cuda.onnx` for onnxruntime's CUDA provider (bf16, with the few
+ops it has no bf16 kernel for run in fp32) and `<c>.cpu.onnx` for its CPU provider (fp32 compute with bf16
+rounding after every op). All three read the same weight file `<c>.onnx.data`. Everything is written into a temporary folder that replaces the
 output folder only when complete; components whose inputs are unchanged since the last export are reused.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .checkpoint import Checkpoint, Component, TensorSource, open_checkpoint
 from .dit import rope_inv_freq
 from .fp8 import quantize_rows
 from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
-from .graphs.cpu import bf16_to_fp32_emulation
+from .graphs.rewrite import bf16_to_fp32_emulation, for_cuda
 from .inventory import scale_name
 
 EXPORTER_VERSION = 1          # bump whenever the graphs an unchanged checkpoint exports would change
@@ -39,6 +40,10 @@ SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond
           "vae_decoder": "vae"}
 WEIGHT_MODES = ("fp8", "keep")
 SCHEMA = Path(__file__).with_name("manifest.schema.json")
+VARIANTS = {"cuda": for_cuda, "cpu": bf16_to_fp32_emulation}   # graph file suffix -> rewrite of the bf16 graph
+GRAPH_USE = {"bf16": "canonical bf16 graph: TensorRT / TensorRT-RTX engines are built from it",
+             "cuda": "onnxruntime CUDAExecutionProvider (bf16; ops without bf16 CUDA kernels run in fp32)",
+             "cpu": "onnxruntime CPUExecutionProvider (fp32 compute, bf16 rounding after every op)"}
 
 
 @dataclass(frozen=True)
@@ -252,10 +257,12 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
                     bar.refresh()
                 builder, mode = _build(name, ckpt, graph, opts, progress)
                 model = builder.save(graph)
-            onnx.save(bf16_to_fp32_emulation(model), str(tmp / f"{name}.cpu.onnx"))
+            for variant, rewrite in VARIANTS.items():
+                onnx.save(rewrite(model), str(tmp / f"{name}.{variant}.onnx"))
             ins, outs, call = component_io(name, ckpt)
             components[name] = {
-                "graphs": {"bf16": _file_entry(graph), "cpu": _file_entry(tmp / f"{name}.cpu.onnx")},
+                "graphs": {"bf16": _file_entry(graph),
+                           **{v: _file_entry(tmp / f"{name}.{v}.onnx") for v in VARIANTS}},
                 "data": _file_entry(tmp / f"{name}.onnx.data"),
                 "inputs": ins, "outputs": outs, "call": call, "cache_key": key,
                 "weights": mode, "initializer_bytes": builder.weight_bytes,
@@ -273,6 +280,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
                          "weights": _weights_summary({c["weights"] for c in components.values()}),
                          "tools": _tools()},
             "source": {"checkpoint": str(ckpt.root), "synthetic": ckpt.synthetic},
+            "graph_variants": GRAPH_USE,
             "model": _model_section(ckpt),
             **_static_sections(ckpt),
             "components": components,

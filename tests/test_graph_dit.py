@@ -11,7 +11,7 @@ import torch
 
 from ideogram4_engine.export.checkpoint import TensorSource, open_checkpoint
 from ideogram4_engine.export.dit import load_dit, rope_inv_freq
-from ideogram4_engine.export.graphs.cpu import bf16_to_fp32_emulation
+from ideogram4_engine.export.graphs.rewrite import bf16_to_fp32_emulation
 from ideogram4_engine.export.graphs.dit import build_dit
 from ideogram4_engine.runtime.packing import pack, token_grid
 from ideogram4_engine.runtime.rope import dit_rope_tables
