@@ -149,10 +149,22 @@ def _build(name: str, ckpt: Checkpoint, path: Path, opts: ExportOptions, progres
                              progress=progress), "checkpoint"
 
 
+def exporter_fingerprint() -> str:
+    """sha256 over the exporter's own source: an edited graph builder invalidates every cached component even
+    if EXPORTER_VERSION was not bumped."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for f in sorted(root.rglob("*.py")) + [SCHEMA]:
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _cache_key(name: str, ckpt: Checkpoint, opts: ExportOptions, file_hashes: dict[str, str]) -> str:
     comp = ckpt.components[SOURCE[name]]
     cfg = comp.config.to_dict() if hasattr(comp.config, "to_dict") else comp.config.__dict__
-    blob = json.dumps({"exporter": EXPORTER_VERSION, "component": name, "attention": opts.attention_form,
+    blob = json.dumps({"exporter": EXPORTER_VERSION, "source": exporter_fingerprint(), "component": name,
+                       "attention": opts.attention_form,
                        "weights": opts.weights, "config": cfg, "files": file_hashes}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

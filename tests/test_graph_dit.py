@@ -102,3 +102,27 @@ def test_checker_and_polygraphy_by_path(graphs):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "velocity" in r.stdout and "text_features" in r.stdout
+
+
+def test_graph_dequantization_is_the_official_formula_bit_for_bit(tmp_path):
+    """x = I through the graph's FP8 Linear returns W_eff exactly: DequantizeLinear(e4m3, bf16 scale) is
+    bf16(bf16(q)·bf16(s)), identical to the reference's FP8Linear."""
+    from ideogram4_engine.export.fp8 import dequantize, quantize_rows
+    from ideogram4_engine.export.graphs.builder import BF16, F32, GraphBuilder
+    from ideogram4_engine.export.graphs.layers import linear, to_bf16
+
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(48, 32, generator=gen) * torch.logspace(-3, 1, 48)[:, None]
+    q, s = quantize_rows(w)
+
+    class Src:
+        def get(self, name):
+            return {"p.weight": q, "p.weight_scale": s}[name]
+    path = tmp_path / "lin.onnx"
+    g = GraphBuilder("lin", path.with_name("lin.onnx.data"))
+    x = g.input("x", F32, [32, 32])
+    g.output(g.op("Cast", linear(g, to_bf16(g, x), "p", Src(), bias=False), to=F32), "y", F32, [32, 48])
+    onnx.save(bf16_to_fp32_emulation(g.save(path)), str(tmp_path / "lin.cpu.onnx"))
+    y, = ort.InferenceSession(str(tmp_path / "lin.cpu.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.eye(32, dtype=np.float32)})
+    np.testing.assert_array_equal(y, dequantize(q, s).to(torch.float32).t().numpy())

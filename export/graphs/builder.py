@@ -62,7 +62,14 @@ class GraphBuilder:
         return name
 
     def output(self, value: str, name: str, elem_type: int, shape: Sequence[int | str]) -> None:
-        self.op("Identity", value, out=name)
+        """Declare `value` a graph output called `name`: its producing node's output is renamed (no Identity,
+        so e.g. a uint8 result is never an intermediate tensor, which TensorRT refuses)."""
+        producer = next((n for n in reversed(self.nodes) if value in n.output), None)
+        consumers = [n for n in self.nodes if value in n.input]
+        if producer is None or consumers:
+            self.op("Identity", value, out=name)
+        else:
+            producer.output[list(producer.output).index(value)] = name
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
 
     def op(self, op_type: str, *inputs: str | None, out: str | None = None, n_out: int = 1,

@@ -32,12 +32,14 @@ def time_frequencies(dim: int) -> torch.Tensor:
 def attention(g: GraphBuilder, q: str, k: str, v: str, heads: int, head_dim: int, form: str) -> str:
     """Bidirectional attention on (B, H, L, hd) bf16 tensors, scale 1/√hd, softmax in fp32.
 
-    form "op": the opset-23 Attention operator (softmax_precision = float).
+    form "op": the opset-23 Attention operator. No `softmax_precision` attribute: TensorRT's parser refuses
+    it (TensorRT-RTX 1.7: "Setting softmax precision is not supported"; its fused kernels keep the softmax in
+    fp32); the onnxruntime twins add softmax_precision = float (graphs/rewrite.py).
     form "matmul": Q pre-scaled (1/16 at head_dim 256 is a power of two: exact in bf16) → MatMul → mask →
     fp32 Softmax → MatMul, the pattern TensorRT's MHA fusion recognises."""
     scale = 1.0 / math.sqrt(head_dim)
     if form == "op":
-        return g.op("Attention", q, k, v, scale=scale, softmax_precision=F32)
+        return g.op("Attention", q, k, v, scale=scale)
     qs = g.op("Mul", q, g.const(torch.tensor(scale, dtype=torch.bfloat16)))
     scores = g.op("Cast", g.op("MatMul", qs, g.op("Transpose", k, perm=[0, 1, 3, 2])), to=F32)
     p = to_bf16(g, g.op("Softmax", scores, axis=-1))

@@ -48,6 +48,12 @@ def _fused_bias_matmuls(model: onnx.ModelProto) -> set[str]:
     return out
 
 
+def _softmax_in_fp32(node: onnx.NodeProto) -> None:
+    """onnxruntime's Attention takes softmax_precision; the canonical graph omits it for TensorRT."""
+    if node.op_type == "Attention" and not any(a.name == "softmax_precision" for a in node.attribute):
+        node.attribute.append(helper.make_attribute("softmax_precision", F32))
+
+
 def emulate_bf16(model: onnx.ModelProto, ops: frozenset[str] | None = None) -> onnx.ModelProto:
     """Run the ops in `ops` (all ops if None) in fp32 with their bf16 results rounded as bf16 kernels would.
     Same inputs, outputs and weight file as `model`."""
@@ -64,11 +70,12 @@ def emulate_bf16(model: onnx.ModelProto, ops: frozenset[str] | None = None) -> o
         return wide[name]
 
     for node in model.graph.node:
-        if not full and node.op_type not in ops:
-            nodes.append(node)
-            continue
         new = onnx.NodeProto()
         new.CopyFrom(node)
+        _softmax_in_fp32(new)
+        if not full and node.op_type not in ops:
+            nodes.append(new)
+            continue
         for j, i in enumerate(node.input):
             if i and types.get(i) == BF16:
                 new.input[j] = widen(i)

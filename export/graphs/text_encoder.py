@@ -88,12 +88,12 @@ def attention(g: GraphBuilder, q: str, k: str, v: str, heads: int, kv_heads: int
     """Causal GQA attention on q (B, H, n, hd), k/v (B, KV, n, hd) bf16; scale 1/√hd, softmax in fp32.
 
     form "op": opset-23 Attention, is_causal=1 (4-D inputs: the head counts come from the shapes, GQA by
-    broadcasting KV heads), softmax_precision = float.
+    broadcasting KV heads); softmax_precision = float is added by the onnxruntime twins (TensorRT refuses it).
     form "matmul": KV heads repeated, QKᵀ in bf16, scaled in fp32 (1/√128 is not a power of two), causal
     select with `allowed` (n, n) bool, fp32 Softmax, probabilities rounded to bf16, MatMul with V."""
     scale = 1.0 / math.sqrt(head_dim)
     if form == "op":
-        return g.op("Attention", q, k, v, is_causal=1, scale=scale, softmax_precision=F32)
+        return g.op("Attention", q, k, v, is_causal=1, scale=scale)
     k = _repeat_kv(g, k, heads, kv_heads, head_dim)
     v = _repeat_kv(g, v, heads, kv_heads, head_dim)
     scores = g.op("Mul", g.op("Cast", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), to=F32),

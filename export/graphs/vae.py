@@ -39,7 +39,8 @@ Rounding points mirror PyTorch's bf16 kernels (each bf16 op = compute wide, roun
 * Resize: nearest, `coordinate_transformation_mode="asymmetric"`, `nearest_mode="floor"`, scales (1, 1, 2, 2):
   source index = floor(dst / 2), exactly `F.interpolate(scale_factor=2, mode="nearest")`. Pure copy, exact.
 * Mid attention (single head of width C over all H·W latent pixels, scale 1/√C, trap 19): by default the
-  opset-23 `Attention` operator on (B, 1, HW, C) with `softmax_precision = float`. Reason: it lets an engine
+  opset-23 `Attention` operator on (B, 1, HW, C) (the onnxruntime twins add `softmax_precision = float`; TensorRT
+  refuses the attribute and keeps its softmax in fp32 anyway). Reason: it lets an engine
   use a fused kernel instead of materialising the (HW)² score matrix (1 GiB fp32 at 1024² = 16,384 tokens,
   16 GiB at 2048² = 65,536), and the reference (`F.scaled_dot_product_attention` on bf16) is itself a fused
   kernel with fp32 QKᵀ/softmax and one final rounding. The operator's exact-math result differs from a given
@@ -156,7 +157,7 @@ def _attention(g: GraphBuilder, x: str, prefix: str, src: _NativeSource, c: int,
     q, k, v = (tokens(_conv(g, y, f"{prefix}.{n}", src, k=1)) for n in ("q", "k", "v"))
     scale = 1.0 / math.sqrt(c)
     if form == "op":
-        o = g.op("Attention", q, k, v, scale=scale, softmax_precision=F32)
+        o = g.op("Attention", q, k, v, scale=scale)
     else:
         s = g.op("MatMul", to_f32(g, q), g.op("Transpose", to_f32(g, k), perm=[0, 1, 3, 2]))
         s = g.op("Mul", g.op("Sub", s, g.op("ReduceMax", s, g.i64(-1), keepdims=1)), g.const(scale))
@@ -177,7 +178,8 @@ def emit_postprocess(g: GraphBuilder, x: str) -> str:
     """(B, 3, H, W) bf16 → (B, H, W, 3) uint8: uint8(round((clamp(f32(x), −1, 1) + 1)·127.5)) (§6.8)."""
     y = g.op("Clip", to_f32(g, x), g.const(-1.0), g.const(1.0))
     y = g.op("Round", g.op("Mul", g.op("Add", y, g.const(1.0)), g.const(127.5)))
-    return g.op("Transpose", g.op("Cast", y, to=U8), perm=[0, 2, 3, 1])
+    # uint8 only as the graph output: TensorRT has no uint8 intermediate tensors
+    return g.op("Cast", g.op("Transpose", y, perm=[0, 2, 3, 1]), to=U8)
 
 
 # --------------------------------------------------------------------------------------------- build
