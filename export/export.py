@@ -283,6 +283,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
             log(f"{name}: {builder.weight_bytes / 1e6:.1f} MB of weights "
                 f"({builder.weight_bytes / comp.files.nbytes:.3f}x the checkpoint's), "
                 f"{time.perf_counter() - t0:.1f} s")
+        components["guided_step"] = _write_guided_step(tmp)
         shutil.copytree(ckpt.root / "tokenizer", tmp / "tokenizer")
         manifest = {
             "format": "ideogram4-engine/manifest", "format_version": 1,
@@ -304,6 +305,23 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _write_guided_step(folder: Path) -> dict:
+    """The Euler/CFG update graph (fp32, no weights): one file serves every backend."""
+    from .graphs.step import build_guided_step
+    path = folder / "guided_step.onnx"
+    build_guided_step().save(path)
+    entry = _file_entry(path)
+    f32 = lambda n, m, shape=("batch", "image_tokens", 128): _io(n, "float32", list(shape), m)  # noqa: E731
+    return {"graphs": {v: entry for v in GRAPH_USE},
+            "inputs": [f32("latents", "z"), f32("velocity_cond", "dit_cond output"),
+                       f32("velocity_uncond", "dit_uncond output"),
+                       f32("guidance", "g = guidance[i]", [1]), f32("one_minus_guidance", "1 - g (formed in float64)", [1]),
+                       f32("dt", "tau_next - tau (float32)", [1])],
+            "outputs": [f32("next_latents", "z + (g*v_c + (1-g)*v_u)*dt")],
+            "call": "every step after both DiTs (optional: the same update on the host gives identical numbers)",
+            "cache_key": exporter_fingerprint(), "weights": "none", "initializer_bytes": 0, "checkpoint_bytes": 0}
 
 
 def _weights_summary(modes: set[str]) -> str:
