@@ -1,0 +1,393 @@
+"""The engines folder contract (`manifest.json`, written by `make export`) as the runtime reads it.
+
+`load_manifest(folder)` parses and checks, by hand (no jsonschema at run time), everything the runtime uses:
+format and version, the sections, the four components with their graph variants, weight files and I/O
+names, sampler presets, RoPE tables, limits and the tokenizer folder; and that every file the manifest
+names exists with its recorded size. `verify(manifest)` checks sha256s (streamed) and remembers, for this
+process, which unchanged files it has already verified. Every problem is a `ManifestError` (a ValueError)
+naming the folder or file and what was expected.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .schedule import SamplerPreset
+
+FORMAT = "ideogram4-engine/manifest"
+FORMAT_VERSIONS = (1,)                  # manifest versions this runtime reads
+MANIFEST_FILE = "manifest.json"
+REQUIRED_SECTIONS = ("format", "format_version", "exporter", "source", "model", "tokenizer", "sampler", "rope",
+                     "limits", "components")
+REQUIRED_COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
+REQUIRED_VARIANTS = ("bf16", "cuda", "cpu")
+REQUIRED_LIMITS = ("min_side", "max_side", "multiple", "max_aspect", "max_text_tokens")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+HASH_CHUNK = 8 << 20
+
+
+class ManifestError(ValueError):
+    """The engines folder is missing, incomplete, of another format version, or corrupt."""
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class Manifest:
+    root: Path          # the engines folder (absolute)
+    raw: dict           # manifest.json as parsed
+
+    # ------------------------------------------------------------------------------------------ sections
+    @property
+    def path(self) -> Path:
+        return self.root / MANIFEST_FILE
+
+    @property
+    def components(self) -> dict[str, dict]:
+        return self.raw["components"]
+
+    @cached_property
+    def presets(self) -> dict[str, SamplerPreset]:
+        return {name: SamplerPreset(name, p["steps"], tuple(float(g) for g in p["guidance"]), float(p["mu"]),
+                                    float(p["std"]))
+                for name, p in self.raw["sampler"]["presets"].items()}
+
+    @property
+    def default_preset(self) -> str:
+        return self.raw["sampler"]["default_preset"]
+
+    def preset(self, name: str | None = None) -> SamplerPreset:
+        name = self.default_preset if name is None else name
+        try:
+            return self.presets[name]
+        except KeyError:
+            raise ValueError(f"unknown sampler preset {name!r}; allowed: {', '.join(self.presets)}") from None
+
+    @cached_property
+    def inv_freq(self) -> np.ndarray:
+        a = np.asarray(self.raw["rope"]["inv_freq"], dtype=np.float32)
+        a.flags.writeable = False
+        return a
+
+    @property
+    def mrope_section(self) -> tuple[int, int, int]:
+        return tuple(int(x) for x in self.raw["rope"]["mrope_section"])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.raw["rope"]["head_dim"])
+
+    @property
+    def image_position_offset(self) -> int:
+        return int(self.raw["rope"]["image_position_offset"])
+
+    @property
+    def limits(self) -> dict:
+        return self.raw["limits"]
+
+    @property
+    def max_text_tokens(self) -> int:
+        return int(self.raw["tokenizer"]["max_text_tokens"])
+
+    @property
+    def synthetic(self) -> dict | None:
+        return self.raw["source"].get("synthetic")
+
+    @property
+    def tokenizer_folder(self) -> Path:
+        return self.root / self.raw["tokenizer"]["folder"]
+
+    # ------------------------------------------------------------------------------------------ components
+    def component(self, name: str) -> dict:
+        try:
+            return self.components[name]
+        except KeyError:
+            raise ManifestError(f"{self.path}: no component {name!r}; it has "
+                                f"{', '.join(self.components)}") from None
+
+    def variants(self, component: str) -> tuple[str, ...]:
+        return tuple(self.component(component)["graphs"])
+
+    def graph_path(self, component: str, variant: str) -> Path:
+        graphs = self.component(component)["graphs"]
+        if variant not in graphs:
+            raise ManifestError(f"{self.path}: component {component!r} has no {variant!r} graph; "
+                                f"allowed: {', '.join(graphs)}")
+        return self.root / graphs[variant]["file"]
+
+    def data_path(self, component: str) -> Path | None:
+        data = self.component(component).get("data")
+        return None if data is None else self.root / data["file"]
+
+    def input_names(self, component: str) -> list[str]:
+        return [io["name"] for io in self.component(component)["inputs"]]
+
+    def output_names(self, component: str) -> list[str]:
+        return [io["name"] for io in self.component(component)["outputs"]]
+
+    def file_entries(self, component: str | None = None) -> list[dict]:
+        """{file, sha256, bytes} entries of one component (graphs, then weights) or of all of them, each file
+        once (variants may share a graph file; components without weights have no `data`)."""
+        names = self.components if component is None else [component]
+        out: dict[str, dict] = {}
+        for name in names:
+            comp = self.component(name)
+            for entry in [*comp["graphs"].values(), *([comp["data"]] if comp.get("data") is not None else [])]:
+                out.setdefault(entry["file"], entry)
+        return list(out.values())
+
+    def files_for_variant(self, variant: str, components: Iterable[str] | None = None) -> list[str]:
+        """File names one backend needs: each component's `variant` graph and its weights (for `verify`)."""
+        out: dict[str, None] = {}
+        for name in self.components if components is None else components:
+            out[self.graph_path(name, variant).relative_to(self.root).as_posix()] = None
+            data = self.component(name).get("data")
+            if data is not None:
+                out[data["file"]] = None
+        return list(out)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+class _Checker:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, what: str):
+        raise ManifestError(f"{self.path}: {what}")
+
+    def obj(self, parent: dict, key: str, where: str) -> dict:
+        v = parent.get(key)
+        if not isinstance(v, dict):
+            self.fail(f"`{where}{key}` must be an object, found {_describe(v)}")
+        return v
+
+    def need(self, parent: dict, keys: Iterable[str], where: str) -> None:
+        missing = [k for k in keys if k not in parent]
+        if missing:
+            self.fail(f"`{where}` lacks {', '.join(repr(k) for k in missing)} (is it from another exporter "
+                      "version? re-run `make export`)")
+
+    def file_entry(self, entry, where: str) -> dict:
+        if not isinstance(entry, dict):
+            self.fail(f"`{where}` must be a file entry {{file, sha256, bytes}}, found {_describe(entry)}")
+        self.need(entry, ("file", "sha256", "bytes"), where)
+        name, digest, size = entry["file"], entry["sha256"], entry["bytes"]
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            self.fail(f"`{where}.file` must be a relative path inside the folder, found {name!r}")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            self.fail(f"`{where}.sha256` must be 64 lowercase hex digits, found {digest!r}")
+        if not _int(size) or size < 0:
+            self.fail(f"`{where}.bytes` must be a non-negative integer, found {size!r}")
+        return entry
+
+
+def _describe(v) -> str:
+    return "nothing" if v is None else f"a {type(v).__name__}"
+
+
+def _check(raw: dict, path: Path) -> None:
+    c = _Checker(path)
+    fmt, version = raw.get("format"), raw.get("format_version")
+    if fmt != FORMAT:
+        c.fail(f"`format` is {fmt!r}, expected {FORMAT!r}: not an ideogram4-engine manifest")
+    if version not in FORMAT_VERSIONS:
+        c.fail(f"`format_version` is {version!r}; this runtime reads version(s) "
+               f"{', '.join(map(str, FORMAT_VERSIONS))}: re-export with the matching `make export`")
+    c.need(raw, REQUIRED_SECTIONS, "manifest")
+
+    tok = c.obj(raw, "tokenizer", "")
+    c.need(tok, ("folder", "max_text_tokens"), "tokenizer")
+    if not isinstance(tok["folder"], str) or ".." in Path(tok["folder"]).parts or Path(tok["folder"]).is_absolute():
+        c.fail(f"`tokenizer.folder` must be a relative folder name, found {tok['folder']!r}")
+    if not _int(tok["max_text_tokens"]) or tok["max_text_tokens"] < 1:
+        c.fail(f"`tokenizer.max_text_tokens` must be a positive integer, found {tok['max_text_tokens']!r}")
+
+    sampler = c.obj(raw, "sampler", "")
+    c.need(sampler, ("presets", "default_preset"), "sampler")
+    presets = c.obj(sampler, "presets", "sampler.")
+    if not presets:
+        c.fail("`sampler.presets` is empty")
+    for name, p in presets.items():
+        where = f"sampler.presets.{name}"
+        if not isinstance(p, dict):
+            c.fail(f"`{where}` must be an object, found {_describe(p)}")
+        c.need(p, ("steps", "guidance", "mu", "std"), where)
+        if not (_int(p["steps"]) and p["steps"] >= 1 and isinstance(p["guidance"], list)
+                and all(_num(g) for g in p["guidance"]) and _num(p["mu"]) and _num(p["std"])):
+            c.fail(f"`{where}` must hold steps (int >= 1), guidance (numbers), mu and std (numbers)")
+        if len(p["guidance"]) != p["steps"]:
+            c.fail(f"`{where}.guidance` has {len(p['guidance'])} entries, expected one per step ({p['steps']})")
+    if sampler["default_preset"] not in presets:
+        c.fail(f"`sampler.default_preset` {sampler['default_preset']!r} is not one of the presets "
+               f"({', '.join(presets)})")
+
+    rope = c.obj(raw, "rope", "")
+    c.need(rope, ("head_dim", "mrope_section", "inv_freq", "image_position_offset"), "rope")
+    hd, sec, inv = rope["head_dim"], rope["mrope_section"], rope["inv_freq"]
+    if not _int(hd) or hd < 2 or hd % 2:
+        c.fail(f"`rope.head_dim` must be a positive even integer, found {hd!r}")
+    if not (isinstance(sec, list) and len(sec) == 3 and all(_int(s) and s >= 0 for s in sec)):
+        c.fail(f"`rope.mrope_section` must be 3 non-negative integers, found {sec!r}")
+    if not (isinstance(inv, list) and len(inv) == hd // 2 and all(_num(x) for x in inv)):
+        c.fail(f"`rope.inv_freq` must be {hd // 2} numbers (head_dim/2), found "
+               f"{len(inv) if isinstance(inv, list) else _describe(inv)}")
+    if not _int(rope["image_position_offset"]):
+        c.fail("`rope.image_position_offset` must be an integer")
+
+    limits = c.obj(raw, "limits", "")
+    c.need(limits, REQUIRED_LIMITS, "limits")
+    if not all(_num(limits[k]) for k in REQUIRED_LIMITS):
+        c.fail(f"`limits` values must be numbers: {', '.join(REQUIRED_LIMITS)}")
+
+    source = c.obj(raw, "source", "")
+    if source.get("synthetic") is not None and not isinstance(source["synthetic"], dict):
+        c.fail(f"`source.synthetic` must be an object or null, found {_describe(source['synthetic'])}")
+
+    comps = c.obj(raw, "components", "")
+    missing = [n for n in REQUIRED_COMPONENTS if n not in comps]
+    if missing:
+        c.fail(f"component(s) {', '.join(missing)} missing from `components` (has: {', '.join(comps) or 'none'}); "
+               "re-run `make export`")
+    for name, comp in comps.items():
+        if not isinstance(comp, dict):
+            c.fail(f"`components.{name}` must be an object, found {_describe(comp)}")
+        c.need(comp, ("graphs", "inputs", "outputs"), f"components.{name}")
+        graphs = c.obj(comp, "graphs", f"components.{name}.")
+        absent = [v for v in REQUIRED_VARIANTS if v not in graphs]
+        if absent:
+            c.fail(f"`components.{name}.graphs` lacks the {', '.join(absent)} graph(s)")
+        for variant, entry in graphs.items():
+            c.file_entry(entry, f"components.{name}.graphs.{variant}")
+        if comp.get("data") is not None:
+            c.file_entry(comp["data"], f"components.{name}.data")
+        for side in ("inputs", "outputs"):
+            ios = comp[side]
+            if not (isinstance(ios, list) and ios and all(isinstance(io, dict) and isinstance(io.get("name"), str)
+                                                          for io in ios)):
+                c.fail(f"`components.{name}.{side}` must be a non-empty list of {{name, dtype, shape}} objects")
+
+
+def _check_files(m: Manifest) -> None:
+    if not m.root.joinpath(m.raw["tokenizer"]["folder"]).is_dir():
+        raise ManifestError(f"{m.path}: tokenizer folder {m.tokenizer_folder} is missing")
+    for f in TOKENIZER_FILES:
+        if not (m.tokenizer_folder / f).is_file():
+            raise ManifestError(f"{m.path}: tokenizer file {m.tokenizer_folder / f} is missing")
+    for entry in m.file_entries():
+        p = m.root / entry["file"]
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            raise ManifestError(f"{m.path}: file {p} named by the manifest is missing "
+                                "(incomplete copy? re-run `make export`)") from None
+        if not p.is_file():
+            raise ManifestError(f"{m.path}: {p} named by the manifest is not a regular file")
+        if size != entry["bytes"]:
+            raise ManifestError(f"{m.path}: file {p} is {size} bytes, the manifest says {entry['bytes']} "
+                                "(truncated or replaced; re-copy or re-run `make export`)")
+
+
+def load_manifest(folder: Path | str) -> Manifest:
+    """Read and check `<folder>/manifest.json` and the presence and sizes of the files it names."""
+    root = Path(folder).expanduser().absolute()
+    if not root.exists():
+        raise ManifestError(f"engines folder {root} does not exist (run `make export`)")
+    if not root.is_dir():
+        raise ManifestError(f"{root} is not a folder: expected an engines folder with {MANIFEST_FILE}")
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"{root} is not an engines folder: {MANIFEST_FILE} is missing: run `make export`")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path} is not valid JSON ({e}); re-run `make export`") from None
+    except OSError as e:
+        raise ManifestError(f"{path} cannot be read: {e}") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path} must hold a JSON object, found {_describe(raw)}")
+    _check(raw, path)
+    m = Manifest(root, raw)
+    try:
+        m.presets
+    except ValueError as e:
+        raise ManifestError(f"{path}: bad sampler preset: {e}") from None
+    _check_files(m)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------- verify
+
+_verified: set[tuple] = set()     # (path, dev, ino, size, mtime_ns, ctime_ns, sha256) hashed OK in this process
+
+
+def _sha256(path: Path, chunk: int | None = None) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(chunk or HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _stat_key(path: Path, digest: str) -> tuple:
+    st = os.stat(path)
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
+
+
+def verify(manifest: Manifest, files: list[str] | None = None) -> list[str]:
+    """Check the sha256 of `files` (file names as in the manifest, or component names for all of a component's
+    files; default: every graph and weight file) against the manifest. Files verified earlier in this process
+    and unchanged since (same path, inode, size, mtime and ctime) are not read again. Returns the names that
+    were hashed this time; raises ManifestError naming the file, expected and actual hash on a mismatch."""
+    entries = {e["file"]: e for e in manifest.file_entries()}
+    if files is None:
+        selected = list(entries.values())
+    else:
+        selected = []
+        for name in files:
+            if name in manifest.components:
+                selected += manifest.file_entries(name)
+            elif name in entries:
+                selected.append(entries[name])
+            else:
+                raise ManifestError(f"{manifest.path}: {name!r} is neither a file nor a component of the manifest; "
+                                    f"files: {', '.join(entries)}")
+    hashed = []
+    for entry in selected:
+        path = manifest.root / entry["file"]
+        try:
+            key = _stat_key(path, entry["sha256"])
+        except FileNotFoundError:
+            raise ManifestError(f"{manifest.path}: file {path} named by the manifest is missing") from None
+        if key in _verified:
+            continue
+        actual = _sha256(path)
+        hashed.append(entry["file"])
+        if actual != entry["sha256"]:
+            size = key[3]
+            raise ManifestError(f"{path}: sha256 mismatch: expected {entry['sha256']} ({entry['bytes']} bytes), "
+                                f"actual {actual} ({size} bytes); the file was modified or truncated after export "
+                                "(re-copy or re-run `make export`)")
+        if _stat_key(path, entry["sha256"]) == key:     # unchanged while it was read
+            _verified.add(key)
+    return hashed
+
+
+def forget_verified() -> None:
+    """Drop the in-process verification cache (tests, or after replacing files in place)."""
+    _verified.clear()
