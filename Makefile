@@ -14,12 +14,23 @@ WIDTH ?= 512
 HEIGHT ?= 512
 PRESET ?= V4_DEFAULT_20
 OUTPUT ?= out.png
+ATTENTION ?= op
 
-.PHONY: run test checkpoint export clean
+.PHONY: run reference test checkpoint export clean
 
-# Main job: prompt -> $(OUTPUT). Today through the PyTorch reference pipeline (the lean runtime replaces it
-# when it lands). With the default CHECKPOINT the tiny synthetic checkpoint is created first.
+ENGINES ?= engines/$(notdir $(abspath $(CHECKPOINT)))
+BACKEND ?= auto
+
+# Main job: prompt -> $(OUTPUT) through the lean runtime. Exports CHECKPOINT to ENGINES first (unchanged
+# components are reused, so a second run is quick); the default CHECKPOINT is the tiny synthetic one, created
+# when absent. With CHECKPOINT=<the real ideogram-4-fp8 folder> the same command serves the real model.
 run: $(BIN)/.installed $(if $(filter $(DEFAULT_CHECKPOINT),$(CHECKPOINT)),$(DEFAULT_CHECKPOINT)/synthetic.json)
+	$(BIN)/python -m ideogram4_engine.export --checkpoint $(CHECKPOINT) --out $(ENGINES) --attention $(ATTENTION)
+	$(BIN)/ideogram4 generate --engines $(ENGINES) --prompt "$(PROMPT)" --width $(WIDTH) --height $(HEIGHT) \
+		--sampler-preset $(PRESET) --seed $(SEED) --backend $(BACKEND) --output $(OUTPUT) --progress
+
+# The same request through the PyTorch reference pipeline (the oracle), straight from the checkpoint.
+reference: $(BIN)/.installed $(if $(filter $(DEFAULT_CHECKPOINT),$(CHECKPOINT)),$(DEFAULT_CHECKPOINT)/synthetic.json)
 	$(BIN)/python -m ideogram4_engine.export.reference --checkpoint $(CHECKPOINT) --prompt "$(PROMPT)" \
 		--width $(WIDTH) --height $(HEIGHT) --sampler-preset $(PRESET) --seed $(SEED) --output $(OUTPUT)
 
@@ -40,10 +51,9 @@ checkpoint: $(BIN)/.installed
 	$(BIN)/python -m ideogram4_engine.export.synthetic --config $(CONFIG) --out $(call given,OUT,checkpoints/$(CONFIG)) --seed $(SEED)
 
 # checkpoint -> ONNX graphs (FP8 kept as FP8) + manifest.json. ATTENTION=op|matmul; EXPORT_FLAGS=--keep-dtype …
-ATTENTION ?= op
 export: $(BIN)/.installed $(if $(filter $(DEFAULT_CHECKPOINT),$(CHECKPOINT)),$(DEFAULT_CHECKPOINT)/synthetic.json)
 	$(BIN)/python -m ideogram4_engine.export --checkpoint $(CHECKPOINT) --out $(call given,OUT,engines/tiny) \
 		--attention $(ATTENTION) $(EXPORT_FLAGS)
 
 clean:
-	rm -rf $(VENV) checkpoints
+	rm -rf $(VENV) checkpoints engines/*/

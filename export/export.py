@@ -249,11 +249,12 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
     tmp.mkdir()
     try:
         hashes: dict[str, dict[str, str]] = {}
+        known = _known_hashes(old)
         components = {}
         for name in COMPONENTS:
             comp = ckpt.components[SOURCE[name]]
             if SOURCE[name] not in hashes:
-                hashes[SOURCE[name]] = {f.name: sha256_file(f) for f in comp.files.files}
+                hashes[SOURCE[name]] = {f.name: _hash(f, known) for f in comp.files.files}
             key = _cache_key(name, ckpt, opts, hashes[SOURCE[name]])
             reused = _reuse(old, out, tmp, name, key)
             if reused is not None:
@@ -292,7 +293,8 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
                          "attention_form": opts.attention_form,
                          "weights": _weights_summary({c["weights"] for c in components.values()}),
                          "tools": _tools()},
-            "source": {"checkpoint": str(ckpt.root), "synthetic": ckpt.synthetic},
+            "source": {"checkpoint": str(ckpt.root), "synthetic": ckpt.synthetic,
+                       "files": _source_files(ckpt, hashes)},
             "graph_variants": GRAPH_USE,
             "model": _model_section(ckpt),
             **_static_sections(ckpt),
@@ -329,6 +331,27 @@ def _weights_summary(modes: set[str]) -> str:
         if mode in modes:
             return mode
     return "checkpoint"
+
+
+def _stat_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _known_hashes(old: dict | None) -> dict[str, str]:
+    """Checkpoint file hashes recorded by the previous export, keyed by (path, size, mtime): re-exporting an
+    unchanged 27 GB checkpoint then costs a stat per file instead of reading it all."""
+    return {f["stat"]: f["sha256"] for f in ((old or {}).get("source", {}).get("files") or [])}
+
+
+def _hash(path: Path, known: dict[str, str]) -> str:
+    return known.get(_stat_key(path)) or sha256_file(path)
+
+
+def _source_files(ckpt: Checkpoint, hashes: dict[str, dict[str, str]]) -> list[dict]:
+    return [{"component": comp, "file": name, "sha256": h,
+             "stat": _stat_key(ckpt.components[comp].files.folder / name)}
+            for comp, files in hashes.items() for name, h in files.items()]
 
 
 def _read_old_manifest(out: Path) -> dict | None:

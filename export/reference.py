@@ -6,28 +6,13 @@ the official `run_inference.py` in spirit (--prompt, --sampler-preset, --seed, -
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
+from ..runtime.image import check_writable, save_png
 from ..runtime.packing import check_size
 from ..runtime.schedule import DEFAULT_PRESET, PRESETS
-
-
-def save_png(image, path: Path, meta: dict[str, str]) -> None:
-    """Write atomically (temporary name, then rename) with text metadata."""
-    from PIL import Image, PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    for k, v in meta.items():
-        info.add_text(k, v)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         check_size(args.height, args.width)
         if not 0 <= args.seed < 2**64:
             raise ValueError(f"seed={args.seed} outside 0…2^64-1")
-        if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-            raise ValueError(f"cannot write {out}: {out.parent} is not a writable directory")
+        check_writable(out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

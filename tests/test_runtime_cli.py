@@ -1,0 +1,98 @@
+"""`ideogram4` end to end through a subprocess: PNG + metadata, --json, identical bytes across runs, `info`,
+and refusals that leave no file behind."""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ideogram4_engine.export.export import ExportOptions, export
+
+CLI = [str(Path(sys.executable).with_name("ideogram4"))]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    export(tiny_checkpoint, out, ExportOptions(progress=False), log=lambda s: None)
+    return out
+
+
+def run(*args):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def generate(engines, out, *extra):
+    return run("generate", "--engines", engines, "--prompt", "a red fox in the snow", "--width", 384, "--height",
+               256, "--steps", 2, "--guidance", "3,7", "--seed", 9, "--backend", "onnxruntime-cpu", "--output", out,
+               *extra)
+
+
+def test_generate_json_and_identical_bytes(engines, tmp_path):
+    digests = []
+    for i in range(3):
+        out = tmp_path / f"img{i}.png"
+        r = generate(engines, out, "--json")
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["outputs"] == [str(out)] and report["backend"] == "onnxruntime-cpu"
+        assert report["synthetic"] is True and report["steps"] == 2
+        assert {"load_s", "text_encoder_s", "denoise_s", "vae_s", "total_s"} <= set(report["timings"])
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(set(digests)) == 1                                   # same seed and backend: same bytes
+    img = Image.open(tmp_path / "img0.png")
+    assert img.size == (384, 256)
+    assert img.text["prompt"] == "a red fox in the snow" and img.text["seed"] == "9"
+    assert img.text["backend"] == "onnxruntime-cpu" and "SYNTHETIC" in img.text["model"]
+    assert img.text["guidance"] == "3.0,7.0" and img.text["size"] == "384x256"
+
+
+def test_batch_of_prompts_writes_one_file_each(engines, tmp_path):
+    r = run("generate", "--engines", engines, "--prompt", "a", "--prompt", "b c", "--width", 256, "--height", 256,
+            "--steps", 1, "--guidance", "7", "--output", tmp_path / "x.png", "--backend", "onnxruntime-cpu")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x-0.png", "x-1.png"]
+    assert "SYNTHETIC" in r.stderr and "wrote" in r.stdout
+
+
+def test_info(engines):
+    r = run("info", "--engines", engines)
+    assert r.returncode == 0, r.stderr
+    for word in ("dit_cond", "vae_decoder", "SYNTHETIC", "V4_DEFAULT_20", "onnxruntime-cpu: available",
+                 "onnxruntime-cuda: unavailable"):
+        assert word in r.stdout, word
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("missing", "does not exist"),
+    ("no_manifest", "manifest.json is missing"),
+    ("garbage", "not valid JSON"),
+    ("unwritable", "not a writable directory"),
+    ("size", "height=250 must be a multiple of 16"),
+    ("preset", "unknown sampler preset 'NOPE'"),
+])
+def test_refusals_write_nothing(engines, tmp_path, case, msg):
+    import shutil
+    eng, out, extra = engines, tmp_path / "out" / "o.png", []
+    (tmp_path / "out").mkdir()
+    if case == "missing":
+        eng = tmp_path / "nowhere"
+    elif case in ("no_manifest", "garbage"):
+        eng = tmp_path / "eng"
+        shutil.copytree(engines, eng)
+        if case == "no_manifest":
+            (eng / "manifest.json").unlink()
+        else:
+            (eng / "manifest.json").write_text("{not json")
+    elif case == "unwritable":
+        out = tmp_path / "no" / "such" / "o.png"
+    elif case == "size":
+        extra = ["--height", "250"]
+    elif case == "preset":
+        extra = ["--sampler-preset", "NOPE"]
+    r = run("generate", "--engines", eng, "--prompt", "a fox", "--output", out, "--backend", "onnxruntime-cpu", *extra)
+    assert r.returncode == 2 and msg in r.stderr, r.stderr
+    assert list((tmp_path / "out").iterdir()) == []
