@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .base import Backend, BackendUnavailable
 
-BACKENDS = ("onnxruntime-cuda", "onnxruntime-cpu", "tensorrt")
+BACKENDS = ("onnxruntime-cuda", "onnxruntime-cpu", "tensorrt", "tensorrt-rtx")
 
 
 def create(name: str, manifest, **options) -> Backend:
@@ -19,6 +19,9 @@ def create(name: str, manifest, **options) -> Backend:
     if name in ("onnxruntime-cuda", "onnxruntime-cpu"):
         from .onnxruntime import OnnxRuntimeBackend
         return OnnxRuntimeBackend(manifest, device=name.split("-")[1], **options)
-    if name == "tensorrt":
-        raise BackendUnavailable("the TensorRT backend is not part of this build yet (engine issue)")
+    if name in ("tensorrt", "tensorrt-rtx"):
+        # "tensorrt": the engines of the manifest with the module that built them (tensorrt or tensorrt_rtx);
+        # "tensorrt-rtx": only TensorRT-RTX engines. BackendUnavailable says why when they cannot run here.
+        from .tensorrt import TensorRTBackend
+        return TensorRTBackend(manifest, module=None if name == "tensorrt" else name, **options)
     raise ValueError(f"unknown backend {name!r}; allowed: auto, {', '.join(BACKENDS)}")
