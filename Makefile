@@ -16,7 +16,7 @@ PRESET ?= V4_DEFAULT_20
 OUTPUT ?= out.png
 ATTENTION ?= op
 
-.PHONY: run reference test checkpoint export clean
+.PHONY: run reference test checkpoint export engines clean
 
 ENGINES ?= engines/$(notdir $(abspath $(CHECKPOINT)))
 BACKEND ?= auto
@@ -41,7 +41,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[build,ort-cpu,test]'
+	$(BIN)/pip install -q -e '.[build,ort-cpu,test,trt-rtx]'
 	touch $@
 
 test: $(BIN)/.installed
@@ -54,6 +54,14 @@ checkpoint: $(BIN)/.installed
 export: $(BIN)/.installed $(if $(filter $(DEFAULT_CHECKPOINT),$(CHECKPOINT)),$(DEFAULT_CHECKPOINT)/synthetic.json)
 	$(BIN)/python -m ideogram4_engine.export --checkpoint $(CHECKPOINT) --out $(call given,OUT,engines/tiny) \
 		--attention $(ATTENTION) $(EXPORT_FLAGS)
+	$(BIN)/python -m ideogram4_engine.export.engines --engines $(call given,OUT,engines/tiny) --if-available $(ENGINE_ARGS)
+
+# exported ONNX -> TensorRT / TensorRT-RTX engines, the manifest's engines section and <c>.layers.json reports
+# (docs/engines.md). BUILDER=tensorrt|tensorrt-rtx (default: whichever is installed), BUCKETS=1024x1024,512x512
+# (W x H; default: the official table + 512², 768²), ENGINE_FLAGS=--max-text-tokens 512 --compute-capabilities 8.9,12.0 …
+ENGINE_ARGS = $(if $(BUILDER),--builder $(BUILDER)) $(if $(BUCKETS),--buckets $(BUCKETS)) $(ENGINE_FLAGS)
+engines: $(BIN)/.installed
+	$(BIN)/python -m ideogram4_engine.export.engines --engines $(call given,OUT,engines/tiny) $(ENGINE_ARGS)
 
 clean:
 	rm -rf $(VENV) checkpoints engines/*/
