@@ -229,7 +229,7 @@ class Toolkit:
             cc = _build_gpu_capability()
             return {"requested": None, "compute_capabilities": [cc] if cc else [], "forward_compatible": False,
                     "note": "full TensorRT: an engine runs on the architecture of the GPU that built it"
-                            + ("" if cc else " (not determined: no torch.cuda here)")}
+                            + ("" if cc else " (not determined: no CUDA driver visible to the build)")}
         base = requested["requested"] or list(RTX_DEFAULT_TARGETS)
         removed = log.removed_targets()
         eff = [cc for cc in base if cc not in removed]
@@ -263,15 +263,31 @@ class Toolkit:
             _atomic_write(path, memoryview(cache.serialize()))
 
 
-def _build_gpu_capability() -> str | None:
+def cuda_devices() -> tuple[list[str], str]:
+    """Compute capabilities of the visible CUDA GPUs through the driver library (ctypes: no torch, no cuda-bindings
+    needed on the build side), and why there are none."""
+    import ctypes
     try:
-        import torch
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return f"{major}.{minor}"
-    except Exception:  # noqa: BLE001 -- best effort: the record says when it is unknown
-        pass
-    return None
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        return [], f"no CUDA driver here (libcuda.so.1: {e})"
+    if (rc := lib.cuInit(0)) != 0:
+        return [], f"cuInit failed (CUresult {rc})"
+    n = ctypes.c_int(0)
+    if (rc := lib.cuDeviceGetCount(ctypes.byref(n))) != 0 or n.value == 0:
+        return [], f"no CUDA GPU visible (CUresult {rc}, {n.value} devices)"
+    out = []
+    for i in range(n.value):
+        major, minor = ctypes.c_int(0), ctypes.c_int(0)
+        lib.cuDeviceGetAttribute(ctypes.byref(major), 75, i)      # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+        lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, i)      # ..._MINOR
+        out.append(f"{major.value}.{minor.value}")
+    return out, ""
+
+
+def _build_gpu_capability() -> str | None:
+    ccs, _ = cuda_devices()
+    return ccs[0] if ccs else None
 
 
 def load_toolkit(choice: str | None = None) -> Toolkit:
@@ -636,6 +652,28 @@ def _inspect_engine(toolkit: Toolkit, blob, log: CapturedLog) -> tuple[tuple[str
 
 # ---------------------------------------------------------------------------------------------- build
 
+class _HashingWriter:
+    """IStreamWriter that writes the engine to a file while hashing it (the engine is never held in memory)."""
+
+    def __new__(cls, trt, f):
+        class Writer(trt.IStreamWriter):
+            def __init__(self):
+                trt.IStreamWriter.__init__(self)
+                self.f, self.sha, self.nbytes, self.error = f, hashlib.sha256(), 0, None
+
+            def write(self, data, *_):
+                try:
+                    view = memoryview(data)
+                    self.f.write(view)
+                    self.sha.update(view)
+                    self.nbytes += view.nbytes
+                    return view.nbytes
+                except Exception as e:  # noqa: BLE001 -- reported after the build returns
+                    self.error = e
+                    return 0
+        return Writer()
+
+
 def _sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -700,21 +738,36 @@ def build_engine(toolkit: Toolkit, folder: Path, component: str, comp: dict, pro
         for name, s in prof["shapes"].items():
             p.set_shape(name, s["min"], s["opt"], s["max"])
         config.add_optimization_profile(p)
-    blob = builder.build_serialized_network(network, config)
-    build_s = time.perf_counter() - t0
-    if blob is None:
-        errs = "; ".join(m.splitlines()[0] for m in log.errors) or "no error logged"
-        raise EngineBuildError(f"{component}: {toolkit.name} {toolkit.version} failed to build {graph_path.name}: {errs}")
+    engine_path = folder / f"{component}.engine"
+    tmp = engine_path.with_name(f".{engine_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            writer = _HashingWriter(trt, f)
+            if hasattr(builder, "build_serialized_network_to_stream"):     # no in-memory copy of the engine
+                ok = builder.build_serialized_network_to_stream(network, config, writer)
+            else:
+                blob = builder.build_serialized_network(network, config)
+                ok = blob is not None and writer.write(memoryview(blob)) >= 0
+                del blob
+            f.flush()
+            os.fsync(f.fileno())
+        build_s = time.perf_counter() - t0
+        if not ok or writer.error is not None:
+            errs = "; ".join(m.splitlines()[0] for m in log.errors) or str(writer.error or "no error logged")
+            raise EngineBuildError(f"{component}: {toolkit.name} {toolkit.version} failed to build "
+                                   f"{graph_path.name}: {errs}")
+        os.replace(tmp, engine_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     toolkit.save_timing_cache(config, cache_path)
     del parser, network, config, builder
-    view = memoryview(blob)
-    engine_path = folder / f"{component}.engine"
-    _atomic_write(engine_path, view)
-    sha = hashlib.sha256(view).hexdigest()
-    nbytes = view.nbytes
+    sha, nbytes = writer.sha.hexdigest(), writer.nbytes
     facts = graph_facts(graph_path)
-    inspected, gap = _inspect_engine(toolkit, blob, log)
-    del view, blob
+    gpus, why_not = cuda_devices()
+    if gpus:
+        inspected, gap = _inspect_engine(toolkit, engine_path.read_bytes(), log)
+    else:
+        inspected, gap = None, why_not
     report = layer_report(component, engine_path, sha, nbytes, facts, log, inspected, gap, toolkit)
     targets = toolkit.effective_targets(requested, log)
     layers_path = folder / f"{component}{LAYERS_SUFFIX}"
