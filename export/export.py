@@ -29,6 +29,7 @@ from ..runtime.packing import MAX_ASPECT, MAX_SIDE, MAX_TEXT_TOKENS, MIN_SIDE, P
 from ..runtime.schedule import DEFAULT_PRESET, PRESETS, TAU_MAX, TAU_MIN
 from .checkpoint import Checkpoint, Component, TensorSource, open_checkpoint
 from .dit import rope_inv_freq
+from .files import replace_dir, sha256_file
 from .fp8 import quantize_rows
 from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
 from .graphs.rewrite import bf16_to_fp32_emulation, for_cuda
@@ -52,14 +53,6 @@ class ExportOptions:
     weights: str = "fp8"           # fp8: float (unquantized) Linears are quantized to e4m3 at export with
                                    # the per-row RTN formula; FP8 ones are kept. keep: float Linears stay bf16
     progress: bool = True
-
-
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class QuantizingSource:
@@ -302,7 +295,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
         }
         validate_manifest(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        _swap_in(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -375,13 +368,3 @@ def _reuse(old: dict | None, out: Path, tmp: Path, name: str, key: str) -> dict 
         except OSError:
             shutil.copy2(out / f["file"], tmp / f["file"])
     return entry
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 import torch
 from tqdm import tqdm
 
+from ..files import replace_dir
 from ..checkpoint import COMPONENTS, DIT_FOLDERS, SYNTHETIC_MARKER, open_checkpoint
 from ..dit import dit_inventory
 from ..text_encoder import text_encoder_inventory
@@ -111,13 +112,7 @@ def write_checkpoint(out: Path | str, config: str | SyntheticConfig = "tiny", *,
             "write_seconds": round(time.perf_counter() - start, 3),
         })
         open_checkpoint(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
