@@ -63,5 +63,15 @@ ENGINE_ARGS = $(if $(BUILDER),--builder $(BUILDER)) $(if $(BUCKETS),--buckets $(
 engines: $(BIN)/.installed
 	$(BIN)/python -m ideogram4_engine.export.engines --engines $(call given,OUT,engines/tiny) $(ENGINE_ARGS)
 
+# CPU benchmark on the tiny checkpoint: runtime (onnxruntime CPU) vs the torch reference, same noise.
+BENCH_ROOT ?= build/bench
+BENCH_CASES ?= 512x512:V4_TURBO_12
+bench: $(BIN)/.installed
+	rm -rf $(BENCH_ROOT)
+	$(BIN)/python scripts/bench.py prepare --config tiny --root $(BENCH_ROOT)
+	$(BIN)/python scripts/bench.py reference --device cpu --root $(BENCH_ROOT) --cases $(BENCH_CASES)
+	$(BIN)/python scripts/bench.py runtime --backend onnxruntime-cpu --root $(BENCH_ROOT) --cases $(BENCH_CASES)
+	$(BIN)/python scripts/bench.py report --root $(BENCH_ROOT)
+
 clean:
 	rm -rf $(VENV) checkpoints engines/*/

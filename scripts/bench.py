@@ -1,0 +1,315 @@
+"""Benchmark harness: the lean runtime and the PyTorch reference on the same checkpoint, prompt and noise.
+
+    python scripts/bench.py prepare   --config tiny --root /tmp/bench            # checkpoint + export
+    python scripts/bench.py runtime   --root /tmp/bench --backend onnxruntime-cpu --cases 512x512:V4_TURBO_12
+    python scripts/bench.py reference --root /tmp/bench --device cpu [--compile] --cases ...
+    python scripts/bench.py report    --root /tmp/bench                          # table + ratios (markdown)
+
+Each measuring command appends one JSON record per case to <root>/results.jsonl, so the GPU work can be split
+over several calls (and processes: onnxruntime's CUDA arena never returns memory). `make bench` runs the
+tiny CPU version of all of it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = ("A lighthouse on a rocky coast at dusk, long exposure, waves crashing on the rocks, warm light in the "
+          "window, dramatic clouds, a small boat in the bay, seagulls, 35mm photograph, high detail, natural colours, "
+          "soft haze over the sea, wet stones in the foreground reflecting the sky.")
+DIT_MACS_PER_TOKEN_PER_BLOCK = 254_803_968   # spec §2.3 (real widths)
+
+
+def dit_flops(cfg: dict, L: int, T: int) -> float:
+    """Spec §10.2 per forward (1 MAC = 2 FLOPs), generalised to the config's widths and depth."""
+    D, Fdim, C, I = cfg["emb_dim"], cfg["llm_features_dim"], cfg["in_channels"], cfg["intermediate_size"]
+    A = cfg["adanln_dim"]
+    per_token_block = 3 * D * D + D * D + 3 * D * I       # qkv + o + w1/w2/w3
+    return (cfg["num_layers"] * (2 * L * per_token_block + 4 * L * L * D) + 2 * C * D * (L - T)
+            + 2 * Fdim * D * T + 2 * D * C * L + 0 * A)
+
+
+def parse_cases(spec: str) -> list[tuple[int, int, str]]:
+    out = []
+    for item in spec.split(","):
+        size, preset = item.split(":")
+        w, h = (int(x) for x in size.lower().split("x"))
+        out.append((w, h, preset))
+    return out
+
+
+def record(root: Path, rec: dict) -> None:
+    with open(root / "results.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec), flush=True)
+
+
+def noise_for(w: int, h: int) -> np.ndarray:
+    return np.random.default_rng(1234).standard_normal((1, (h // 16) * (w // 16), 128), dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------- prepare
+
+def cmd_prepare(a) -> None:
+    import shutil
+    from ideogram4_engine.export.synthetic.writer import write_checkpoint
+    root = Path(a.root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.jsonl").unlink(missing_ok=True)
+    t = time.perf_counter()
+    if not (root / "ckpt").exists():
+        write_checkpoint(root / "ckpt", a.config, seed=0, device=a.device)
+    write_s = time.perf_counter() - t
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "ideogram4_engine.export", "--checkpoint", str(root / "ckpt"),
+                        "--out", str(root / "engines"), "--no-progress"], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(r.stderr)
+    record(root, {"kind": "prepare", "config": a.config, "checkpoint_write_s": write_s,
+                  "export_s": time.perf_counter() - t})
+    del shutil
+
+
+# ------------------------------------------------------------------------------------------------- timers
+
+class StageTimer:
+    """Wall time per named call, synchronised by `sync` (CUDA: torch.cuda.synchronize)."""
+
+    def __init__(self, sync=lambda: None):
+        self.sync, self.times = sync, {}
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kw):
+            self.sync()
+            t = time.perf_counter()
+            out = fn(*args, **kw)
+            self.sync()
+            self.times.setdefault(name, []).append(time.perf_counter() - t)
+            return out
+        return timed
+
+
+def summarise(times: dict[str, list[float]]) -> dict[str, float]:
+    return {f"{k}_ms": 1e3 * float(np.median(v)) for k, v in times.items()}
+
+
+# ------------------------------------------------------------------------------------------------- runtime
+
+def cmd_runtime(a) -> None:
+    from ideogram4_engine.runtime.pipeline import Pipeline
+    root = Path(a.root)
+    t0 = time.perf_counter()
+    pipe = Pipeline(root / "engines", backend=a.backend)
+    manifest = json.loads((root / "engines" / "manifest.json").read_text())
+    cfg = manifest["model"]["dit"]
+    timer = StageTimer()
+    run = pipe.backend.run
+    pipe.backend.run = lambda c, inputs: timer.wrap(c, run)(c, inputs)
+    first = True
+    for w, h, preset in parse_cases(a.cases):
+        noise = noise_for(w, h)
+        pipe.generate(PROMPT, width=w, height=h, steps=1, guidance=7.0, noise=noise)      # warm this shape
+        if first:
+            cold = time.perf_counter() - t0
+            first = False
+        timer.times.clear()
+        res = pipe.generate(PROMPT, width=w, height=h, preset=preset, noise=noise)
+        T, N = len(res.token_ids[0]), (h // 16) * (w // 16)
+        st = summarise(timer.times)
+        rec = {"kind": "runtime", "backend": pipe.backend.name, "width": w, "height": h, "preset": preset,
+               "steps": res.sampling.steps, "text_tokens": T, **st,
+               "step_ms": 1e3 * float(np.median(res.timings["step_s"])), "image_s": res.timings["total_s"],
+               "text_encoder_s": res.timings["text_encoder_s"], "vae_s": res.timings["vae_s"],
+               "load_s": pipe.load_seconds, "cold_start_s": cold,
+               "flops_cond": dit_flops(cfg, T + N, T), "flops_uncond": dit_flops(cfg, N, 0),
+               "gpu_mem_used_mib": _nvidia_smi_used()}
+        np.save(root / f"latents_runtime_{w}x{h}_{preset}.npy", res.latents)
+        record(root, rec)
+    if a.profile:
+        _profile_dit(pipe, root, a.profile)
+
+
+def _profile_dit(pipe, root: Path, size: str) -> None:
+    """One dit_cond forward under onnxruntime's profiler: time per op type."""
+    import onnxruntime as ort
+    from ideogram4_engine.runtime.rope import dit_rope_tables
+    w, h = (int(x) for x in size.split("x"))
+    m = pipe.manifest
+    comp = "dit_cond"
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(root / "ort_profile")
+    dev = pipe.backend.device
+    providers = [("CUDAExecutionProvider", {"device_id": 0})] if dev == "cuda" else ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(str(m.graph_path(comp, pipe.backend.graph_variant)), opts, providers=providers)
+    ids = pipe.tokenizer.encode(PROMPT)
+    T, gh, gw = len(ids), h // 16, w // 16
+    feats = pipe.backend.download(pipe.backend.run("text_encoder", {"input_ids": np.array([ids], np.int64)})["text_features"])
+    cos, sin = dit_rope_tables(T, gh, gw, m.inv_freq, m.mrope_section)
+    feeds = {"latents": noise_for(w, h), "tau": np.array([0.5], np.float32), "rope_cos": cos[None],
+             "rope_sin": sin[None], "text_features": feats}
+    sess.run(None, feeds)
+    sess.run(None, feeds)
+    path = sess.end_profiling()
+    events = json.loads(Path(path).read_text())
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3 / 2          # ms per forward (2 runs)
+    total = sum(by_op.values())
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:15]
+    record(root, {"kind": "profile", "component": comp, "width": w, "height": h, "total_kernel_ms": total,
+                  "by_op_ms": dict(top)})
+
+
+def _nvidia_smi_used():
+    try:
+        return int(subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                  capture_output=True, text=True, timeout=20).stdout.split()[0])
+    except Exception:  # noqa: BLE001 -- no GPU / no nvidia-smi
+        return None
+
+
+# ------------------------------------------------------------------------------------------------- reference
+
+def cmd_reference(a) -> None:
+    import torch
+    from ideogram4_engine.export.pipeline import ReferencePipeline, SamplingParams
+    root = Path(a.root)
+    cuda = a.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.perf_counter()
+    pipe = ReferencePipeline.from_checkpoint(root / "ckpt", a.device)
+    cfg = json.loads((root / "engines" / "manifest.json").read_text())["model"]["dit"]
+    compile_s = None
+    if a.compile:
+        pipe.dit_cond = torch.compile(pipe.dit_cond, dynamic=False)
+        pipe.dit_uncond = torch.compile(pipe.dit_uncond, dynamic=False)
+    timer = StageTimer(sync)
+    pipe.dit_cond = timer.wrap("dit_cond", pipe.dit_cond)
+    pipe.dit_uncond = timer.wrap("dit_uncond", pipe.dit_uncond)
+    pipe.decode = timer.wrap("vae_decoder", pipe.decode)
+    first = True
+    for w, h, preset in parse_cases(a.cases):
+        noise = noise_for(w, h)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t = time.perf_counter()
+        pipe(PROMPT, height=h, width=w, params=SamplingParams(1, 0.0, 1.75, (7.0,)), noise=noise)   # warm / compile
+        sync()
+        warm_s = time.perf_counter() - t
+        if first:
+            cold = time.perf_counter() - t0
+            first = False
+        timer.times.clear()
+        res = pipe(PROMPT, height=h, width=w, params=SamplingParams.from_preset(preset), noise=noise)
+        T, N = len(res.token_ids[0]), (h // 16) * (w // 16)
+        st = summarise(timer.times)
+        steps = len(timer.times["dit_cond"])
+        rec = {"kind": "reference-compiled" if a.compile else "reference-eager", "device": a.device,
+               "width": w, "height": h, "preset": preset, "steps": steps, "text_tokens": T, **st,
+               "step_ms": st["dit_cond_ms"] + st["dit_uncond_ms"], "image_s": res.timings["total_s"],
+               "text_encoder_s": res.timings["text_encoder_s"], "vae_s": res.timings["vae_s"],
+               "warmup_or_compile_s": warm_s, "cold_start_s": cold,
+               "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+               "flops_cond": dit_flops(cfg, T + N, T), "flops_uncond": dit_flops(cfg, N, 0)}
+        if cuda and not a.compile:
+            rec["bf16_matmul_tflops"] = _bf16_rate()
+        np.save(root / f"latents_{rec['kind']}_{w}x{h}_{preset}.npy", res.latents)
+        record(root, rec)
+    del compile_s
+
+
+def _bf16_rate() -> float:
+    import torch
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    n = 20
+    for _ in range(n):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * n / (time.perf_counter() - t) / 1e12
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+def cmd_report(a) -> None:
+    root = Path(a.root)
+    recs = [json.loads(l) for l in (root / "results.jsonl").read_text().splitlines() if l.strip()]
+    rows = [r for r in recs if r["kind"] in ("runtime", "reference-eager", "reference-compiled")]
+    bf16 = next((r["bf16_matmul_tflops"] for r in rows if r.get("bf16_matmul_tflops")), None)
+    lines = ["| path | size | preset | text tok | DiT cond ms | DiT uncond ms | step ms | TFLOP/s | text s | VAE s | image s | cold s | memory |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        name = r["kind"] if r["kind"] != "runtime" else f"runtime ({r['backend']})"
+        tflops = (r["flops_cond"] + r["flops_uncond"]) / (r["step_ms"] / 1e3) / 1e12
+        mem = (f"{r['peak_gpu_bytes'] / 2**30:.1f} GiB peak" if r.get("peak_gpu_bytes") else
+               f"{r['gpu_mem_used_mib'] / 1024:.1f} GiB used" if r.get("gpu_mem_used_mib") else "–")
+        lines.append(f"| {name} | {r['width']}×{r['height']} | {r['preset']} | {r['text_tokens']} | "
+                     f"{r['dit_cond_ms']:.1f} | {r['dit_uncond_ms']:.1f} | {r['step_ms']:.1f} | {tflops:.3g} | "
+                     f"{r['text_encoder_s']:.3f} | {r['vae_s']:.3f} | {r['image_s']:.2f} | {r['cold_start_s']:.1f} | {mem} |")
+    ratio = ["", "| size | preset | step: runtime/eager | step: runtime/compiled | image: runtime/eager | latents rel err runtime vs eager |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in [r for r in rows if r["kind"] == "runtime"]:
+        key = (r["width"], r["height"], r["preset"])
+        e = next((x for x in rows if x["kind"] == "reference-eager" and (x["width"], x["height"], x["preset"]) == key), None)
+        c = next((x for x in rows if x["kind"] == "reference-compiled" and (x["width"], x["height"], x["preset"]) == key), None)
+        err = "–"
+        le = root / f"latents_reference-eager_{key[0]}x{key[1]}_{key[2]}.npy"
+        lr = root / f"latents_runtime_{key[0]}x{key[1]}_{key[2]}.npy"
+        if le.exists() and lr.exists():
+            x, y = np.load(lr), np.load(le)
+            err = f"{np.linalg.norm(x - y) / np.linalg.norm(y):.2e}"
+        ratio.append(f"| {key[0]}×{key[1]} | {key[2]} | {r['step_ms'] / e['step_ms']:.2f} | "
+                     f"{(r['step_ms'] / c['step_ms']) if c else float('nan'):.2f} | "
+                     f"{r['image_s'] / e['image_s']:.2f} | {err} |" if e else f"| {key[0]}×{key[1]} | {key[2]} | – | – | – | – |")
+    extra = []
+    if bf16:
+        extra.append(f"\nMeasured bf16 GEMM rate on this card (torch, 8192³): {bf16:.0f} TFLOP/s; "
+                     "bf16 floor per step = step FLOPs / that rate.")
+    for r in recs:
+        if r["kind"] == "profile":
+            extra.append(f"\nonnxruntime profile, one {r['component']} forward at {r['width']}×{r['height']}: "
+                         f"{r['total_kernel_ms']:.1f} ms of kernels; by op: " +
+                         ", ".join(f"{k} {v:.1f} ms" for k, v in r["by_op_ms"].items()))
+    text = "\n".join(lines + ratio + extra)
+    (root / "report.md").write_text(text + "\n")
+    print(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--device", default="cpu")
+    for name in ("runtime", "reference"):
+        s = sub.add_parser(name)
+        s.add_argument("--cases", default="1024x1024:V4_DEFAULT_20,1024x1024:V4_TURBO_12")
+        if name == "runtime":
+            s.add_argument("--backend", default="auto")
+            s.add_argument("--profile", default=None, help="WxH: profile one dit_cond forward")
+        else:
+            s.add_argument("--device", default="cuda")
+            s.add_argument("--compile", action="store_true")
+    sub.add_parser("report")
+    for s in sub.choices.values():
+        s.add_argument("--root", default="/tmp/ideogram4_bench")
+    a = ap.parse_args()
+    {"prepare": cmd_prepare, "runtime": cmd_runtime, "reference": cmd_reference, "report": cmd_report}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# GPU benchmark in stages (one device call each, back to back on the same warm machine; see docs/benchmarks.md):
+#   stage   : unpack onnxruntime-gpu staged by ../shared/device/stage-ort-gpu.sh (parts in /root/stage)
+#   prepare : synthetic checkpoint (CONFIG, default full) written on the GPU + export
+#   eager   : torch reference, eager           compiled : torch reference under torch.compile
+#   runtime : lean runtime on onnxruntime CUDA (+ profiler on one dit_cond forward)
+# Every stage copies results.jsonl and report.md to $OUT.
+set -uo pipefail
+ROOT=${ROOT:-/tmp/ideogram4_bench}
+CONFIG=${CONFIG:-full}
+CASES=${CASES:-1024x1024:V4_DEFAULT_20,1024x1024:V4_TURBO_12,1536x1024:V4_DEFAULT_20,2048x2048:V4_DEFAULT_20}
+source scripts/device_env.sh
+test -d /opt/ort/onnxruntime || { mkdir -p /opt/ort && cat /root/stage/part-* | xz -d -T0 | tar -x -C /opt/ort; }
+export PYTHONPATH=/opt/ort:$PYTHONPATH PYTHONUNBUFFERED=1
+B="python3 scripts/bench.py"
+rc=0
+for stage in "$@"; do
+  case $stage in
+    prepare)  $B prepare --config "$CONFIG" --device cuda --root "$ROOT" || rc=$? ;;
+    eager)    $B reference --root "$ROOT" --device cuda --cases "$CASES" || rc=$? ;;
+    compiled) $B reference --root "$ROOT" --device cuda --compile --cases "$CASES" || rc=$? ;;
+    runtime)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --profile 1024x1024 || rc=$? ;;
+  esac
+done
+$B report --root "$ROOT" > /dev/null 2>&1
+cp "$ROOT"/results.jsonl "$ROOT"/report.md "${OUT:-/tmp}"/ 2>/dev/null
+cat "$ROOT"/report.md 2>/dev/null
+exit $rc
