@@ -486,9 +486,10 @@ class TensorRTBackend:
         key = (component, idx, tuple(sorted(shapes.items())))
         if self.cuda_graphs and MODULES[self.name] == "tensorrt" and key in self._graphs:
             return self._replay(eng, key, arrays)
+        # a captured graph is only valid while its context keeps the shapes it was captured with
+        self._drop_graphs(component)
         if ctx.active_optimization_profile != idx:
             ctx.set_optimization_profile_async(idx, self.cuda.stream_handle(self.stream))
-            self._drop_graphs(component)
         for n, a in arrays.items():
             ctx.set_input_shape(n, a.shape)
             ctx.set_tensor_address(n, a.ptr)
