@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..runtime.packing import MAX_ASPECT, MAX_SIDE, MIN_SIDE, PIXELS_PER_TOKEN
+from .files import sha256_file as _sha256_file
 
 ENGINES_FORMAT_VERSION = 1
 BUILDERS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}   # --builder name -> Python module
@@ -672,14 +673,6 @@ class _HashingWriter:
                     self.error = e
                     return 0
         return Writer()
-
-
-def _sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_write(path: Path, data) -> None:
