@@ -131,8 +131,14 @@ def cmd_runtime(a) -> None:
                "gpu_mem_used_mib": _nvidia_smi_used()}
         np.save(root / f"latents_runtime_{w}x{h}_{preset}.npy", res.latents)
         record(root, rec)
-    if a.profile:
-        _profile_dit(pipe, root, a.profile)
+
+
+def cmd_profile(a) -> None:
+    """In a process of its own: onnxruntime keeps every session's memory, so the profiled session must not
+    share the GPU with a whole pipeline."""
+    from ideogram4_engine.runtime.pipeline import Pipeline
+    pipe = Pipeline(Path(a.root) / "engines", backend=a.backend, components=("text_encoder",))
+    _profile_dit(pipe, Path(a.root), a.size)
 
 
 def _profile_dit(pipe, root: Path, size: str) -> None:
@@ -248,7 +254,11 @@ def _bf16_rate() -> float:
 def cmd_report(a) -> None:
     root = Path(a.root)
     recs = [json.loads(l) for l in (root / "results.jsonl").read_text().splitlines() if l.strip()]
-    rows = [r for r in recs if r["kind"] in ("runtime", "reference-eager", "reference-compiled")]
+    latest = {}
+    for r in recs:
+        if r["kind"] in ("runtime", "reference-eager", "reference-compiled"):
+            latest[(r["kind"], r["width"], r["height"], r["preset"])] = r
+    rows = list(latest.values())
     bf16 = next((r["bf16_matmul_tflops"] for r in rows if r.get("bf16_matmul_tflops")), None)
     lines = ["| path | size | preset | text tok | DiT cond ms | DiT uncond ms | step ms | TFLOP/s | text s | VAE s | image s | cold s | memory |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -300,15 +310,18 @@ def main() -> None:
         s.add_argument("--cases", default="1024x1024:V4_DEFAULT_20,1024x1024:V4_TURBO_12")
         if name == "runtime":
             s.add_argument("--backend", default="auto")
-            s.add_argument("--profile", default=None, help="WxH: profile one dit_cond forward")
         else:
             s.add_argument("--device", default="cuda")
             s.add_argument("--compile", action="store_true")
+    pr = sub.add_parser("profile")
+    pr.add_argument("--backend", default="auto")
+    pr.add_argument("--size", default="1024x1024")
     sub.add_parser("report")
     for s in sub.choices.values():
         s.add_argument("--root", default="/tmp/ideogram4_bench")
     a = ap.parse_args()
-    {"prepare": cmd_prepare, "runtime": cmd_runtime, "reference": cmd_reference, "report": cmd_report}[a.cmd](a)
+    {"prepare": cmd_prepare, "runtime": cmd_runtime, "reference": cmd_reference, "profile": cmd_profile,
+     "report": cmd_report}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 #   stage   : unpack onnxruntime-gpu staged by ../shared/device/stage-ort-gpu.sh (parts in /root/stage)
 #   prepare : synthetic checkpoint (CONFIG, default full) written on the GPU + export
 #   eager   : torch reference, eager           compiled : torch reference under torch.compile
-#   runtime : lean runtime on onnxruntime CUDA (+ profiler on one dit_cond forward)
+#   runtime : lean runtime on onnxruntime CUDA      profile : onnxruntime profiler, one dit_cond forward
 # Every stage copies results.jsonl and report.md to $OUT.
 set -uo pipefail
 ROOT=${ROOT:-/tmp/ideogram4_bench}
@@ -19,7 +19,8 @@ for stage in "$@"; do
     prepare)  $B prepare --config "$CONFIG" --device cuda --root "$ROOT" || rc=$? ;;
     eager)    $B reference --root "$ROOT" --device cuda --cases "$CASES" || rc=$? ;;
     compiled) $B reference --root "$ROOT" --device cuda --compile --cases "$CASES" || rc=$? ;;
-    runtime)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --profile 1024x1024 || rc=$? ;;
+    runtime)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" || rc=$? ;;
+    profile)  $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 || rc=$? ;;
   esac
 done
 $B report --root "$ROOT" > /dev/null 2>&1
