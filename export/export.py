@@ -147,7 +147,8 @@ def exporter_fingerprint() -> str:
     if EXPORTER_VERSION was not bumped."""
     h = hashlib.sha256()
     root = Path(__file__).parent
-    for f in sorted(root.rglob("*.py")) + [SCHEMA]:
+    # engines.py builds from the exported graphs and keeps its own build keys: not part of the graphs' source
+    for f in sorted(p for p in root.rglob("*.py") if p.name != "engines.py") + [SCHEMA]:
         h.update(f.relative_to(root).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()
@@ -278,6 +279,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
                 f"({builder.weight_bytes / comp.files.nbytes:.3f}x the checkpoint's), "
                 f"{time.perf_counter() - t0:.1f} s")
         components["guided_step"] = _write_guided_step(tmp)
+        engines = _carry_engines(old, out, tmp)
         shutil.copytree(ckpt.root / "tokenizer", tmp / "tokenizer")
         manifest = {
             "format": "ideogram4-engine/manifest", "format_version": 1,
@@ -293,6 +295,8 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
             **_static_sections(ckpt),
             "components": components,
         }
+        if engines:
+            manifest["engines"] = engines
         validate_manifest(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         replace_dir(tmp, out)
@@ -317,6 +321,21 @@ def _write_guided_step(folder: Path) -> dict:
             "outputs": [f32("next_latents", "z + (g*v_c + (1-g)*v_u)*dt")],
             "call": "every step after both DiTs (optional: the same update on the host gives identical numbers)",
             "cache_key": exporter_fingerprint(), "weights": "none", "initializer_bytes": 0, "checkpoint_bytes": 0}
+
+
+def _carry_engines(old: dict | None, out: Path, tmp: Path) -> dict | None:
+    """Keep the previous export's TensorRT engines and layer reports (hard links) and its manifest `engines`
+    section: `python -m ideogram4_engine.export.engines` then reuses or rebuilds each by its own build key."""
+    section = (old or {}).get("engines")
+    if not section:
+        return None
+    for pattern in ("*.engine", "*.layers.json"):
+        for f in out.glob(pattern):
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    return section
 
 
 def _weights_summary(modes: set[str]) -> str:

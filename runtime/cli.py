@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--width", type=int, default=1024)
     g.add_argument("--height", type=int, default=1024)
     g.add_argument("--output", default="out.png", help="PNG path (with several prompts: <stem>-<i>.png)")
-    g.add_argument("--backend", default="auto", help="auto, onnxruntime-cuda, onnxruntime-cpu, tensorrt")
+    g.add_argument("--backend", default="auto", help="auto, tensorrt, tensorrt-rtx, onnxruntime-cuda, onnxruntime-cpu")
     g.add_argument("--json", action="store_true", help="print timings and outputs as one JSON object")
     g.add_argument("--progress", action="store_true", help="show the step progress bar even when not a TTY")
     g.set_defaults(func=cmd_generate)

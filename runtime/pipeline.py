@@ -55,8 +55,9 @@ class Pipeline:
         t0 = time.perf_counter()
         self.manifest: Manifest = load_manifest(engines)
         self.backend = backends.create(backend, self.manifest, **options)
-        if verify_checksums:
-            verify(self.manifest, self.manifest.files_for_variant(self.backend.graph_variant))
+        if verify_checksums:   # what this backend reads; a backend that checks its own files (TensorRT) says so
+            own = getattr(self.backend, "verifies_own_files", False)
+            verify(self.manifest, [] if own else self.manifest.files_for_variant(self.backend.graph_variant))
         self.tokenizer = PromptTokenizer.from_folder(self.manifest.tokenizer_folder,
                                                      max_tokens=self.manifest.limits["max_text_tokens"])
         self._lock = threading.Lock()

@@ -340,6 +340,7 @@ class _Engine:
 
 class TensorRTBackend:
     graph_variant = "bf16"
+    verifies_own_files = True      # engines are checked against the manifest's sha256 when loaded
 
     def __init__(self, manifest, module: str | None = None, device_id: int = 0, components=None,
                  cuda_graphs: bool = False, runtime_cache: str | Path | bool | None = None,
