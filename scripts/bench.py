@@ -282,8 +282,8 @@ def cmd_report(a) -> None:
         if le.exists() and lr.exists():
             x, y = np.load(lr), np.load(le)
             err = f"{np.linalg.norm(x - y) / np.linalg.norm(y):.2e}"
-        ratio.append(f"| {key[0]}×{key[1]} | {key[2]} | {r['step_ms'] / e['step_ms']:.2f} | "
-                     f"{(r['step_ms'] / c['step_ms']) if c else float('nan'):.2f} | "
+        vs_compiled = f"{r['step_ms'] / c['step_ms']:.2f}" if c else "–"
+        ratio.append(f"| {key[0]}×{key[1]} | {key[2]} | {r['step_ms'] / e['step_ms']:.2f} | {vs_compiled} | "
                      f"{r['image_s'] / e['image_s']:.2f} | {err} |" if e else f"| {key[0]}×{key[1]} | {key[2]} | – | – | – | – |")
     extra = []
     if bf16:
