@@ -20,3 +20,14 @@ def tiny_pipeline(tiny_checkpoint):
     from ideogram4_engine.export.pipeline import ReferencePipeline
 
     return ReferencePipeline.from_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_checkpoint, tmp_path_factory) -> Path:
+    """`make export` of the tiny checkpoint (ONNX graphs + manifest), once per session. Read-only: tests that
+    corrupt or rebuild an engines folder copy it or export their own."""
+    from ideogram4_engine.export.export import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    export(tiny_checkpoint, out, ExportOptions(progress=False), log=lambda s: None)
+    return out

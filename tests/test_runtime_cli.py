@@ -9,16 +9,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ideogram4_engine.export.export import ExportOptions, export
 
 CLI = [str(Path(sys.executable).with_name("ideogram4"))]
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "tiny"
-    export(tiny_checkpoint, out, ExportOptions(progress=False), log=lambda s: None)
-    return out
+def engines(tiny_engines):
+    return tiny_engines
 
 
 def run(*args):

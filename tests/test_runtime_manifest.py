@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from ideogram4_engine.export.dit import rope_inv_freq
-from ideogram4_engine.export.export import ExportOptions, export
 from ideogram4_engine.runtime import manifest as manifest_mod
 from ideogram4_engine.runtime.manifest import Manifest, ManifestError, forget_verified, load_manifest, verify
 from ideogram4_engine.runtime.packing import MAX_ASPECT, MAX_SIDE, MAX_TEXT_TOKENS, MIN_SIDE, PIXELS_PER_TOKEN
@@ -24,10 +23,8 @@ COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("engines") / "tiny"
-    export(tiny_checkpoint, out, ExportOptions(progress=False), log=lambda s: None)
-    return out
+def engines(tiny_engines) -> Path:
+    return tiny_engines
 
 
 @pytest.fixture()

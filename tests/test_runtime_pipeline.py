@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from ideogram4_engine.export.export import ExportOptions, export
 from ideogram4_engine.export.pipeline import SamplingParams
 from ideogram4_engine.runtime.packing import token_grid
 from ideogram4_engine.runtime.pipeline import Pipeline
@@ -15,10 +14,8 @@ PROMPT = '{"high_level_description":"A lighthouse on a cliff at dusk","compositi
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rt") / "tiny"
-    export(tiny_checkpoint, out, ExportOptions(progress=False), log=lambda s: None)
-    return out
+def engines(tiny_engines):
+    return tiny_engines
 
 
 @pytest.fixture(scope="module")
