@@ -105,7 +105,9 @@ def cmd_runtime(a) -> None:
     from ideogram4_engine.runtime.pipeline import Pipeline
     root = Path(a.root)
     t0 = time.perf_counter()
-    pipe = Pipeline(root / "engines", backend=a.backend)
+    options = dict(kv.split("=", 1) for kv in a.option)
+    options = {k: {"true": True, "false": False}.get(v.lower(), v) for k, v in options.items()}
+    pipe = Pipeline(root / "engines", backend=a.backend, **options)
     manifest = json.loads((root / "engines" / "manifest.json").read_text())
     cfg = manifest["model"]["dit"]
     timer = StageTimer()
@@ -122,14 +124,15 @@ def cmd_runtime(a) -> None:
         res = pipe.generate(PROMPT, width=w, height=h, preset=preset, noise=noise)
         T, N = len(res.token_ids[0]), (h // 16) * (w // 16)
         st = summarise(timer.times)
-        rec = {"kind": "runtime", "backend": pipe.backend.name, "width": w, "height": h, "preset": preset,
+        rec = {"kind": "runtime" + "".join(f" {k}={v}" for k, v in options.items()),
+               "backend": pipe.backend.name, "width": w, "height": h, "preset": preset,
                "steps": res.sampling.steps, "text_tokens": T, **st,
                "step_ms": 1e3 * float(np.median(res.timings["step_s"])), "image_s": res.timings["total_s"],
                "text_encoder_s": res.timings["text_encoder_s"], "vae_s": res.timings["vae_s"],
                "load_s": pipe.load_seconds, "cold_start_s": cold,
                "flops_cond": dit_flops(cfg, T + N, T), "flops_uncond": dit_flops(cfg, N, 0),
                "gpu_mem_used_mib": _nvidia_smi_used()}
-        np.save(root / f"latents_runtime_{w}x{h}_{preset}.npy", res.latents)
+        np.save(root / f"latents_{rec['kind'].replace(' ', '_')}_{w}x{h}_{preset}.npy", res.latents)
         record(root, rec)
 
 
@@ -256,14 +259,14 @@ def cmd_report(a) -> None:
     recs = [json.loads(l) for l in (root / "results.jsonl").read_text().splitlines() if l.strip()]
     latest = {}
     for r in recs:
-        if r["kind"] in ("runtime", "reference-eager", "reference-compiled"):
+        if r["kind"].startswith("runtime") or r["kind"] in ("reference-eager", "reference-compiled"):
             latest[(r["kind"], r["width"], r["height"], r["preset"])] = r
     rows = list(latest.values())
     bf16 = next((r["bf16_matmul_tflops"] for r in rows if r.get("bf16_matmul_tflops")), None)
     lines = ["| path | size | preset | text tok | DiT cond ms | DiT uncond ms | step ms | TFLOP/s | text s | VAE s | image s | cold s | memory |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        name = r["kind"] if r["kind"] != "runtime" else f"runtime ({r['backend']})"
+        name = f"{r['kind']} ({r['backend']})" if r["kind"].startswith("runtime") else r["kind"]
         tflops = (r["flops_cond"] + r["flops_uncond"]) / (r["step_ms"] / 1e3) / 1e12
         mem = (f"{r['peak_gpu_bytes'] / 2**30:.1f} GiB peak" if r.get("peak_gpu_bytes") else
                f"{r['gpu_mem_used_mib'] / 1024:.1f} GiB used" if r.get("gpu_mem_used_mib") else "–")
@@ -272,18 +275,18 @@ def cmd_report(a) -> None:
                      f"{r['text_encoder_s']:.3f} | {r['vae_s']:.3f} | {r['image_s']:.2f} | {r['cold_start_s']:.1f} | {mem} |")
     ratio = ["", "| size | preset | step: runtime/eager | step: runtime/compiled | image: runtime/eager | latents rel err runtime vs eager |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for r in [r for r in rows if r["kind"] == "runtime"]:
+    for r in [r for r in rows if r["kind"].startswith("runtime")]:
         key = (r["width"], r["height"], r["preset"])
         e = next((x for x in rows if x["kind"] == "reference-eager" and (x["width"], x["height"], x["preset"]) == key), None)
         c = next((x for x in rows if x["kind"] == "reference-compiled" and (x["width"], x["height"], x["preset"]) == key), None)
         err = "–"
         le = root / f"latents_reference-eager_{key[0]}x{key[1]}_{key[2]}.npy"
-        lr = root / f"latents_runtime_{key[0]}x{key[1]}_{key[2]}.npy"
+        lr = root / f"latents_{r['kind'].replace(' ', '_')}_{key[0]}x{key[1]}_{key[2]}.npy"
         if le.exists() and lr.exists():
             x, y = np.load(lr), np.load(le)
             err = f"{np.linalg.norm(x - y) / np.linalg.norm(y):.2e}"
         vs_compiled = f"{r['step_ms'] / c['step_ms']:.2f}" if c else "–"
-        ratio.append(f"| {key[0]}×{key[1]} | {key[2]} | {r['step_ms'] / e['step_ms']:.2f} | {vs_compiled} | "
+        ratio.append(f"| {r['kind']}: {key[0]}×{key[1]} | {key[2]} | {r['step_ms'] / e['step_ms']:.2f} | {vs_compiled} | "
                      f"{r['image_s'] / e['image_s']:.2f} | {err} |" if e else f"| {key[0]}×{key[1]} | {key[2]} | – | – | – | – |")
     extra = []
     if bf16:
@@ -310,6 +313,8 @@ def main() -> None:
         s.add_argument("--cases", default="1024x1024:V4_DEFAULT_20,1024x1024:V4_TURBO_12")
         if name == "runtime":
             s.add_argument("--backend", default="auto")
+            s.add_argument("--option", action="append", default=[],
+                           help="backend option key=value, e.g. constant_folding=false")
         else:
             s.add_argument("--device", default="cuda")
             s.add_argument("--compile", action="store_true")

@@ -20,6 +20,8 @@ for stage in "$@"; do
     eager)    $B reference --root "$ROOT" --device cuda --cases "$CASES" || rc=$? ;;
     compiled) $B reference --root "$ROOT" --device cuda --compile --cases "$CASES" || rc=$? ;;
     runtime)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" || rc=$? ;;
+    runtime-nofold)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option constant_folding=false || rc=$? ;;
+    runtime-nofold-arena)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option constant_folding=false --option arena_extend_strategy=kSameAsRequested || rc=$? ;;
     profile)  $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 || rc=$? ;;
   esac
 done

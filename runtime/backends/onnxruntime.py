@@ -17,7 +17,12 @@ PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 class OnnxRuntimeBackend:
     def __init__(self, manifest, device: str = "cpu", device_id: int = 0, threads: int | None = None,
-                 components: tuple[str, ...] | None = None):
+                 components: tuple[str, ...] | None = None, constant_folding: bool = True,
+                 arena_extend_strategy: str | None = None):
+        """constant_folding=False keeps onnxruntime from folding the weight dequantization at session creation
+        (the e4m3 weights then stay e4m3 in memory and are dequantized on every run).
+        arena_extend_strategy: CUDA arena growth, "kNextPowerOfTwo" (onnxruntime's default) or
+        "kSameAsRequested" (less memory held)."""
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -33,7 +38,12 @@ class OnnxRuntimeBackend:
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
-        providers = [(PROVIDER[device], {"device_id": device_id})] if device == "cuda" else [PROVIDER[device]]
+        if not constant_folding:
+            opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
+        cuda_opts = {"device_id": device_id}
+        if arena_extend_strategy:
+            cuda_opts["arena_extend_strategy"] = arena_extend_strategy
+        providers = [(PROVIDER[device], cuda_opts)] if device == "cuda" else [PROVIDER[device]]
         names = components or tuple(manifest.components)
         self.sessions = {}
         for c in names:
