@@ -22,6 +22,7 @@ for stage in "$@"; do
     runtime)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" || rc=$? ;;
     runtime-nofold)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option constant_folding=false || rc=$? ;;
     runtime-nofold-arena)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option constant_folding=false --option arena_extend_strategy=kSameAsRequested || rc=$? ;;
+    runtime-dqload)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true || rc=$? ;;
     profile)  $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 || rc=$? ;;
   esac
 done
