@@ -122,3 +122,13 @@ print("LOADED", bad)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "LOADED []" in r.stdout
+
+
+@pytest.mark.parametrize("option", [dict(dequantize_at_load=True), dict(constant_folding=False)])
+def test_backend_options_keep_the_numbers(engines, pipe, option):
+    """The onnxruntime memory/speed options change when the weights are dequantized, not the result."""
+    kw = dict(width=256, height=256, steps=2, guidance=(3.0, 7.0), seed=5)
+    base = pipe.generate("a lighthouse at dusk", **kw)
+    other = Pipeline(engines, backend="onnxruntime-cpu", **option).generate("a lighthouse at dusk", **kw)
+    assert rel_err(other.latents, base.latents) <= 1e-3
+    assert pixels_within(other.images[0], base.images[0]) >= 0.999
