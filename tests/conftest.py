@@ -6,6 +6,18 @@ from pathlib import Path
 import pytest
 
 
+def _tensorrt_rtx() -> tuple[bool, str]:
+    """Whether TensorRT-RTX (the CI engine builder) imports here, and why not."""
+    try:
+        import tensorrt_rtx  # noqa: F401
+        return True, ""
+    except Exception as e:  # noqa: BLE001
+        return False, f"tensorrt-rtx is not installed ({e}): `make test` installs it (the trt-rtx extra)"
+
+
+HAVE_RTX, NO_RTX = _tensorrt_rtx()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """The 'tiny' synthetic checkpoint (seed 0), written once per session (~3 s)."""

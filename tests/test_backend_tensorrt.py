@@ -4,7 +4,6 @@ execution tests at the end run only where a GPU and runtime that can execute the
 project's machines: no GPU here, TensorRT-RTX refuses Hopper, full TensorRT is not installable); they are skipped
 with that reason, never faked."""
 import copy
-import importlib
 
 import numpy as np
 import pytest
@@ -16,15 +15,7 @@ from ideogram4_engine.runtime.manifest import ManifestError, load_manifest
 BUCKETS = "512x512,768x512"
 
 
-def _rtx():
-    try:
-        importlib.import_module("tensorrt_rtx")
-        return True, ""
-    except Exception as e:  # noqa: BLE001
-        return False, f"tensorrt-rtx is not installed ({e}): `make test` installs it (the trt-rtx extra)"
-
-
-HAVE_RTX, NO_RTX = _rtx()
+from conftest import HAVE_RTX, NO_RTX  # noqa: E402
 
 
 @pytest.fixture(scope="module")

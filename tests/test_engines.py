@@ -18,15 +18,7 @@ BUCKETS = "512x512,768x512"
 OPTS = E.BuildOptions(buckets=E.parse_buckets(BUCKETS), max_text_tokens=64, opt_text_tokens=32)
 
 
-def _rtx():
-    try:
-        importlib.import_module("tensorrt_rtx")
-        return True, ""
-    except Exception as e:  # noqa: BLE001
-        return False, f"tensorrt-rtx is not installed ({e}): `make test` installs it (the trt-rtx extra)"
-
-
-HAVE_RTX, NO_RTX = _rtx()
+from conftest import HAVE_RTX, NO_RTX  # noqa: E402
 needs_rtx = pytest.mark.skipif(not HAVE_RTX, reason=NO_RTX)
 
 
