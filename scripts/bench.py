@@ -106,7 +106,8 @@ def cmd_runtime(a) -> None:
     root = Path(a.root)
     t0 = time.perf_counter()
     options = dict(kv.split("=", 1) for kv in a.option)
-    options = {k: {"true": True, "false": False}.get(v.lower(), v) for k, v in options.items()}
+    options = {k: {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
+               for k, v in options.items()}
     pipe = Pipeline(root / "engines", backend=a.backend, **options)
     manifest = json.loads((root / "engines" / "manifest.json").read_text())
     cfg = manifest["model"]["dit"]
@@ -131,7 +132,7 @@ def cmd_runtime(a) -> None:
                "text_encoder_s": res.timings["text_encoder_s"], "vae_s": res.timings["vae_s"],
                "load_s": pipe.load_seconds, "cold_start_s": cold,
                "flops_cond": dit_flops(cfg, T + N, T), "flops_uncond": dit_flops(cfg, N, 0),
-               "gpu_mem_used_mib": _nvidia_smi_used()}
+               "gpu_mem_used_mib": (_nvidia_smi_used() or [None])[0], "gpu_mem_used_mib_all": _nvidia_smi_used()}
         np.save(root / f"latents_{rec['kind'].replace(' ', '_')}_{w}x{h}_{preset}.npy", res.latents)
         record(root, rec)
 
@@ -180,8 +181,8 @@ def _profile_dit(pipe, root: Path, size: str) -> None:
 
 def _nvidia_smi_used():
     try:
-        return int(subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                  capture_output=True, text=True, timeout=20).stdout.split()[0])
+        return [int(x) for x in subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                               capture_output=True, text=True, timeout=20).stdout.split()]
     except Exception:  # noqa: BLE001 -- no GPU / no nvidia-smi
         return None
 

@@ -4,6 +4,8 @@
 #   prepare : synthetic checkpoint (CONFIG, default full) written on the GPU + export
 #   eager   : torch reference, eager           compiled : torch reference under torch.compile
 #   runtime : lean runtime on onnxruntime CUDA      profile : onnxruntime profiler, one dit_cond forward
+#   runtime-<variant>: the runtime with backend options (see the case list; docs/tuning.md says why each)
+#   probe   : scripts/gpu_op_probe.py (fused-op support, speed and bit-identity at the model's shapes)
 # Every stage copies results.jsonl and report.md to $OUT.
 set -uo pipefail
 ROOT=${ROOT:-/tmp/ideogram4_bench}
@@ -23,6 +25,11 @@ for stage in "$@"; do
     runtime-nofold)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option constant_folding=false || rc=$? ;;
     runtime-nofold-arena)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option constant_folding=false --option arena_extend_strategy=kSameAsRequested || rc=$? ;;
     runtime-dqload)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true || rc=$? ;;
+    runtime-prio)    $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option execution_order=PRIORITY_BASED || rc=$? ;;
+    runtime-dqload-prio)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true --option execution_order=PRIORITY_BASED || rc=$? ;;
+    runtime-cfg)     $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option uncond_device_id=1 || rc=$? ;;
+    runtime-cfg-prio)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option uncond_device_id=1 --option execution_order=PRIORITY_BASED || rc=$? ;;
+    probe)    python3 scripts/gpu_op_probe.py --out "$ROOT/probe.jsonl" || rc=$?; cp "$ROOT/probe.jsonl" "${OUT:-/tmp}"/ ;;
     profile)  $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 || rc=$? ;;
   esac
 done

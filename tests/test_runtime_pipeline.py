@@ -124,7 +124,8 @@ print("LOADED", bad)
     assert "LOADED []" in r.stdout
 
 
-@pytest.mark.parametrize("option", [dict(dequantize_at_load=True), dict(constant_folding=False)])
+@pytest.mark.parametrize("option", [dict(dequantize_at_load=True), dict(constant_folding=False),
+                                    dict(execution_order="PRIORITY_BASED")])
 def test_backend_options_keep_the_numbers(engines, pipe, option):
     """The onnxruntime memory/speed options change when the weights are dequantized, not the computation:
     the results stay within the parity bounds (onnxruntime's other graph rewrites under these settings change
@@ -134,3 +135,10 @@ def test_backend_options_keep_the_numbers(engines, pipe, option):
     other = Pipeline(engines, backend="onnxruntime-cpu", **option).generate("a lighthouse at dusk", **kw)
     assert rel_err(other.latents, base.latents) <= 1e-2
     assert pixels_within(other.images[0], base.images[0]) >= 0.99
+
+
+@pytest.mark.parametrize("option,match", [(dict(execution_order="FASTEST"), "execution_order='FASTEST'; allowed"),
+                                          (dict(uncond_device_id=1), "uncond_device_id needs the CUDA provider")])
+def test_bad_backend_options_are_refused(engines, option, match):
+    with pytest.raises(ValueError, match=match):
+        Pipeline(engines, backend="onnxruntime-cpu", **option)

@@ -1,0 +1,225 @@
+"""GPU probe for issue 7: which fused ONNX ops onnxruntime-gpu runs in bf16, how fast, and whether they keep
+the reference's numbers, at Ideogram 4's real shapes (1024² = 4096 image + 74 text tokens, D 4608, 18 heads of
+256, FFN 12288). Each case builds a one-purpose graph twice — the decomposed form our graphs use today and a
+candidate — and reports time per run, peak arena growth and bit-identity of the outputs on the same inputs.
+
+Run on the GPU machine (torch is used only to make device tensors): python3 scripts/gpu_op_probe.py [--out F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto as TP, helper
+
+L, D, H, HD, F = 4170, 4608, 18, 256, 12288
+BF16, F32, FP8 = TP.BFLOAT16, TP.FLOAT, TP.FLOAT8E4M3FN
+
+
+def model(nodes, inputs, outputs, inits=()):
+    g = helper.make_graph(nodes, "probe", inputs, outputs, list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
+    m.ir_version = 11
+    return m
+
+
+def vi(name, t, shape):
+    return helper.make_tensor_value_info(name, t, shape)
+
+
+def init(name, t: torch.Tensor, onnx_type):
+    raw = t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return onnx.TensorProto(name=name, data_type=onnx_type, dims=list(t.shape), raw_data=raw)
+
+
+def session(m, **opts):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    for k, v in opts.get("config", {}).items():
+        so.add_session_config_entry(k, v)
+    if "order" in opts:
+        so.execution_order = getattr(ort.ExecutionOrder, opts["order"])
+    return ort.InferenceSession(m.SerializeToString(), so, providers=[("CUDAExecutionProvider", {"device_id": 0})])
+
+
+def timed(sess, feeds: dict[str, torch.Tensor], n=20):
+    b = sess.io_binding()
+    for k, t in feeds.items():
+        b.bind_ortvalue_input(k, ort.OrtValue.from_dlpack(t.__dlpack__()) if hasattr(ort.OrtValue, "from_dlpack")
+                              else ort.OrtValue.ortvalue_from_numpy(t.cpu().numpy(), "cuda", 0))
+    for o in sess.get_outputs():
+        b.bind_output(o.name, "cuda", 0)
+    for _ in range(3):
+        sess.run_with_iobinding(b)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        sess.run_with_iobinding(b)
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) / n * 1e3
+    out = b.get_outputs()[0]
+    return ms, torch.from_dlpack(out) if hasattr(out, "__dlpack__") else torch.tensor(out.numpy())
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+    a32, b32 = a.float(), b.float()
+    same = (a.view(torch.int16) == b.view(torch.int16)).float().mean().item() if a.dtype == torch.bfloat16 \
+        else (a32 == b32).float().mean().item()
+    rel = ((a32 - b32).norm() / b32.norm()).item()
+    return {"bit_identical_fraction": same, "rel_l2": rel, "max_abs": (a32 - b32).abs().max().item()}
+
+
+def case(name, variants, feeds, results, **session_opts):
+    """variants: {label: model}; the first is the baseline the others are compared with."""
+    base = None
+    for label, m in variants.items():
+        row = {"case": name, "variant": label}
+        try:
+            s = session(m, **session_opts)
+            row["providers"] = s.get_providers()[0]
+            torch.cuda.synchronize()
+            ms, out = timed(s, feeds)
+            row["ms"] = round(ms, 4)
+            if base is None:
+                base = out.clone()
+            else:
+                row.update(compare(out, base))
+            del s
+        except Exception as e:  # noqa: BLE001 -- the probe's purpose is to record what fails
+            row["error"] = str(e).splitlines()[0][:300]
+        print(json.dumps(row), flush=True)
+        results.append(row)
+
+
+def norm_models(shape, eps):
+    x, y = vi("x", BF16, shape), vi("y", BF16, shape)
+    g = torch.randn(shape[-1]).to(torch.bfloat16)
+    dec = [helper.make_node("Cast", ["x"], ["xf"], to=F32),
+           helper.make_node("Mul", ["xf", "xf"], ["sq"]),
+           helper.make_node("ReduceMean", ["sq", "ax"], ["ms"], keepdims=1),
+           helper.make_node("Add", ["ms", "eps"], ["mse"]),
+           helper.make_node("Sqrt", ["mse"], ["rt"]),
+           helper.make_node("Reciprocal", ["rt"], ["inv"]),
+           helper.make_node("Mul", ["xf", "inv"], ["n"]),
+           helper.make_node("Mul", ["n", "gf"], ["ng"]),
+           helper.make_node("Cast", ["ng"], ["y"], to=BF16)]
+    consts = [init("ax", torch.tensor([-1]), TP.INT64), init("eps", torch.tensor(eps), F32),
+              init("gf", g.float(), F32)]
+    fused = [helper.make_node("RMSNormalization", ["x", "g"], ["y"], axis=-1, epsilon=eps)]
+    return {"decomposed": model(dec, [x], [y], consts),
+            "RMSNormalization": model(fused, [x], [y], [init("g", g, BF16)])}
+
+
+def rope_models():
+    shape = [1, H, L, HD]
+    x, y = vi("x", BF16, shape), vi("y", BF16, shape)
+    half = HD // 2
+    ang = torch.rand(1, L, half) * 100
+    cos_h, sin_h = torch.cos(ang).to(torch.bfloat16), torch.sin(ang).to(torch.bfloat16)
+    cos_f, sin_f = torch.cat([cos_h, cos_h], -1)[:, None], torch.cat([sin_h, sin_h], -1)[:, None]
+    dec = [helper.make_node("Slice", ["x", "z", "h", "ax"], ["lo"]),
+           helper.make_node("Slice", ["x", "h", "hd", "ax"], ["hi"]),
+           helper.make_node("Neg", ["hi"], ["nhi"]),
+           helper.make_node("Concat", ["nhi", "lo"], ["rot"], axis=-1),
+           helper.make_node("Mul", ["x", "cos"], ["a"]),
+           helper.make_node("Mul", ["rot", "sin"], ["b"]),
+           helper.make_node("Add", ["a", "b"], ["y"])]
+    consts = [init("z", torch.tensor([0]), TP.INT64), init("h", torch.tensor([half]), TP.INT64),
+              init("hd", torch.tensor([HD]), TP.INT64), init("ax", torch.tensor([-1]), TP.INT64),
+              init("cos", cos_f, BF16), init("sin", sin_f, BF16)]
+    fused = [helper.make_node("RotaryEmbedding", ["x", "cosh", "sinh"], ["y"])]
+    return {"decomposed": model(dec, [x], [y], consts),
+            "RotaryEmbedding": model(fused, [x], [y], [init("cosh", cos_h, BF16), init("sinh", sin_h, BF16)])}
+
+
+def dequant_models(n_out, n_in):
+    x, y = vi("x", BF16, [1, L, n_in]), vi("y", BF16, [1, L, n_out])
+    w = (torch.randn(n_in, n_out) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = (torch.rand(n_out) * 1e-3 + 1e-4).to(torch.bfloat16)
+    fp32 = [helper.make_node("DequantizeLinear", ["q", "sf"], ["wf"], axis=1),
+            helper.make_node("Cast", ["wf"], ["w"], to=BF16),
+            helper.make_node("MatMul", ["x", "w"], ["y"])]
+    cast_mul = [helper.make_node("Cast", ["q"], ["qb"], to=BF16),
+                helper.make_node("Mul", ["qb", "s"], ["w"]),
+                helper.make_node("MatMul", ["x", "w"], ["y"])]
+    pre = [helper.make_node("MatMul", ["x", "wb"], ["y"])]
+    wb = (w.to(torch.bfloat16) * s).to(torch.bfloat16)
+    q, sf, sb = init("q", w, FP8), init("sf", s.float(), F32), init("s", s, BF16)
+    return {"dq_fp32_cast": model(fp32, [x], [y], [q, sf]),
+            "cast_bf16_mul": model(cast_mul, [x], [y], [q, sb]),
+            "bf16_weight": model(pre, [x], [y], [init("wb", wb, BF16)])}
+
+
+def silu_models():
+    shape = [1, L, F]
+    x, y = vi("x", BF16, shape), vi("y", BF16, shape)
+    ref = [helper.make_node("Cast", ["x"], ["xf"], to=F32), helper.make_node("Sigmoid", ["xf"], ["sg"]),
+           helper.make_node("Mul", ["xf", "sg"], ["yf"]), helper.make_node("Cast", ["yf"], ["y"], to=BF16)]
+    bf = [helper.make_node("Sigmoid", ["x"], ["sg"]), helper.make_node("Mul", ["x", "sg"], ["y"])]
+    swish = [helper.make_node("Swish", ["x"], ["y"])]
+    m_sw = model(swish, [x], [y])
+    m_sw.opset_import[0].version = 24
+    return {"fp32_cast": model(ref, [x], [y]), "bf16_sigmoid_mul": model(bf, [x], [y]), "Swish_opset24": m_sw}
+
+
+def order_models(layers=16):
+    """A chain of FP8 linears: does onnxruntime keep every dequantized weight alive (execution order)?"""
+    x = vi("x", BF16, [1, L, D])
+    nodes, inits, cur = [], [], "x"
+    for i in range(layers):
+        w = (torch.randn(D, D) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        inits += [init(f"q{i}", w, FP8), init(f"s{i}", torch.full((D,), 1e-4), F32)]
+        nodes += [helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}"], [f"wf{i}"], axis=1),
+                  helper.make_node("Cast", [f"wf{i}"], [f"w{i}"], to=BF16),
+                  helper.make_node("MatMul", [cur, f"w{i}"], [f"h{i}"])]
+        cur = f"h{i}"
+    nodes[-1].output[0] = "y"
+    return model(nodes, [x], [vi("y", BF16, [1, L, D])], inits)
+
+
+def arena_case(results):
+    for order in ("DEFAULT", "PRIORITY_BASED"):
+        m = order_models()
+        torch.cuda.synchronize()
+        free0 = torch.cuda.mem_get_info()[0]
+        row = {"case": "fp8 chain 16x(4608x4608) memory", "variant": f"execution_order={order}"}
+        try:
+            s = session(m, order=order, config={"optimization.disable_specified_optimizers": "ConstantFolding"})
+            ms, _ = timed(s, {"x": torch.randn(1, L, D, device="cuda").to(torch.bfloat16)}, n=5)
+            row["ms"] = round(ms, 3)
+            row["gpu_mem_grown_mib"] = round((free0 - torch.cuda.mem_get_info()[0]) / 2**20)
+            row["fp8_weight_mib"] = round(16 * D * D / 2**20)
+            del s
+        except Exception as e:  # noqa: BLE001
+            row["error"] = str(e).splitlines()[0][:300]
+        print(json.dumps(row), flush=True)
+        results.append(row)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    print(json.dumps({"onnxruntime": ort.__version__, "device": torch.cuda.get_device_name()}))
+    results: list[dict] = []
+    dev = lambda *s: torch.randn(*s, device="cuda").to(torch.bfloat16)  # noqa: E731
+    case("rms_norm (L, D)", norm_models([1, L, D], 1e-5), {"x": dev(1, L, D) * 3}, results)
+    case("qk rms_norm (L, H, hd)", norm_models([1, L, H, HD], 1e-5), {"x": dev(1, L, H, HD) * 3}, results)
+    case("rope (H, L, hd)", rope_models(), {"x": dev(1, H, L, HD)}, results)
+    case("fp8 linear w1 (12288x4608)", dequant_models(F, D), {"x": dev(1, L, D)}, results)
+    case("fp8 linear w1, dequantize_at_load", dequant_models(F, D), {"x": dev(1, L, D)}, results,
+         config={"session.disable_quant_qdq": "1"})
+    case("silu (L, F)", silu_models(), {"x": dev(1, L, F) * 4}, results)
+    arena_case(results)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(json.dumps(r) for r in results) + "\n")
+
+
+if __name__ == "__main__":
+    main()
