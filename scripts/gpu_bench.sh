@@ -22,8 +22,6 @@ for stage in "$@"; do
     eager)    $B reference --root "$ROOT" --device cuda --cases "$CASES" || rc=$? ;;
     compiled) $B reference --root "$ROOT" --device cuda --compile --cases "$CASES" || rc=$? ;;
     runtime)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" || rc=$? ;;
-    runtime-nofold)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option constant_folding=false || rc=$? ;;
-    runtime-nofold-arena)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option constant_folding=false --option arena_extend_strategy=kSameAsRequested || rc=$? ;;
     runtime-dqload)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true || rc=$? ;;
     runtime-prio)    $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option execution_order=PRIORITY_BASED || rc=$? ;;
     runtime-dqload-prio)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true --option execution_order=PRIORITY_BASED || rc=$? ;;

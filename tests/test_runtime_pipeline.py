@@ -124,7 +124,7 @@ print("LOADED", bad)
     assert "LOADED []" in r.stdout
 
 
-@pytest.mark.parametrize("option", [dict(dequantize_at_load=True), dict(constant_folding=False),
+@pytest.mark.parametrize("option", [dict(dequantize_at_load=True),
                                     dict(execution_order="PRIORITY_BASED")])
 def test_backend_options_keep_the_numbers(engines, pipe, option):
     """The onnxruntime memory/speed options change when the weights are dequantized, not the computation:

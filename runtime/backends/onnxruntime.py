@@ -20,10 +20,11 @@ EXECUTION_ORDERS = ("DEFAULT", "PRIORITY_BASED")
 
 class OnnxRuntimeBackend:
     def __init__(self, manifest, device: str = "cpu", device_id: int = 0, threads: int | None = None,
-                 components: tuple[str, ...] | None = None, constant_folding: bool = True,
+                 components: tuple[str, ...] | None = None,
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
                  execution_order: str = "DEFAULT", uncond_device_id: int | None = None):
-        """constant_folding=False keeps onnxruntime from folding anything at session creation.
+        """Constant folding is off unless dequantize_at_load: onnxruntime would otherwise fold the graphs'
+        Cast(e4m3→bf16) of every weight on the CPU at session creation (minutes, and bf16 copies resident).
         arena_extend_strategy: CUDA arena growth, "kNextPowerOfTwo" (onnxruntime's default) or
         "kSameAsRequested" (less memory held).
         dequantize_at_load=True: bf16 weights folded once at session creation (CUDA: the `cuda_fold` graphs;
@@ -53,7 +54,7 @@ class OnnxRuntimeBackend:
         opts.execution_order = getattr(ort.ExecutionOrder, execution_order)
         if dequantize_at_load:
             opts.add_session_config_entry("session.disable_quant_qdq", "1")
-        if not constant_folding:
+        else:
             opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
         names = components or tuple(manifest.components)
         self.devices = {c: uncond_device_id if c == "dit_uncond" and uncond_device_id is not None else device_id
