@@ -32,7 +32,7 @@ from .dit import rope_inv_freq
 from .files import replace_dir, sha256_file
 from .fp8 import quantize_rows
 from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
-from .graphs.rewrite import bf16_to_fp32_emulation, for_cuda, for_cuda_fold
+from .graphs.rewrite import bf16_to_fp32_emulation, for_cuda
 from .inventory import scale_name
 
 EXPORTER_VERSION = 2          # bump whenever the graphs an unchanged checkpoint exports would change
@@ -41,13 +41,9 @@ SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond
           "vae_decoder": "vae"}
 WEIGHT_MODES = ("fp8", "keep")
 SCHEMA = Path(__file__).with_name("manifest.schema.json")
-# graph file suffix -> rewrite of the bf16 graph
-VARIANTS = {"cuda": for_cuda, "cuda_fold": for_cuda_fold, "cpu": bf16_to_fp32_emulation}
+VARIANTS = {"cuda": for_cuda, "cpu": bf16_to_fp32_emulation}   # graph file suffix -> rewrite of the bf16 graph
 GRAPH_USE = {"bf16": "canonical bf16 graph: TensorRT / TensorRT-RTX engines are built from it",
-             "cuda": "onnxruntime CUDAExecutionProvider (bf16; FP8 weights resident, dequantized to bf16 each "
-                     "run; ops without bf16 CUDA kernels run in fp32)",
-             "cuda_fold": "onnxruntime CUDAExecutionProvider with dequantize_at_load (the FP8 weights are "
-                          "folded to bf16 when the session is created)",
+             "cuda": "onnxruntime CUDAExecutionProvider (bf16; ops without bf16 CUDA kernels run in fp32)",
              "cpu": "onnxruntime CPUExecutionProvider (fp32 compute, bf16 rounding after every op)"}
 
 

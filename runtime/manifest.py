@@ -27,7 +27,7 @@ MANIFEST_FILE = "manifest.json"
 REQUIRED_SECTIONS = ("format", "format_version", "exporter", "source", "model", "tokenizer", "sampler", "rope",
                      "limits", "components")
 REQUIRED_COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
-REQUIRED_VARIANTS = ("bf16", "cuda", "cuda_fold", "cpu")
+REQUIRED_VARIANTS = ("bf16", "cuda", "cpu")
 REQUIRED_LIMITS = ("min_side", "max_side", "multiple", "max_aspect", "max_text_tokens")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 HASH_CHUNK = 8 << 20

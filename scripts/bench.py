@@ -315,7 +315,7 @@ def main() -> None:
         if name == "runtime":
             s.add_argument("--backend", default="auto")
             s.add_argument("--option", action="append", default=[],
-                           help="backend option key=value, e.g. execution_order=PRIORITY_BASED")
+                           help="backend option key=value, e.g. dequantize_at_load=true or uncond_device_id=1")
         else:
             s.add_argument("--device", default="cuda")
             s.add_argument("--compile", action="store_true")

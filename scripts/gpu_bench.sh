@@ -23,10 +23,7 @@ for stage in "$@"; do
     compiled) $B reference --root "$ROOT" --device cuda --compile --cases "$CASES" || rc=$? ;;
     runtime)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" || rc=$? ;;
     runtime-dqload)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true || rc=$? ;;
-    runtime-prio)    $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option execution_order=PRIORITY_BASED || rc=$? ;;
-    runtime-dqload-prio)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true --option execution_order=PRIORITY_BASED || rc=$? ;;
     runtime-cfg)     $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option uncond_device_id=1 || rc=$? ;;
-    runtime-cfg-prio)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option uncond_device_id=1 --option execution_order=PRIORITY_BASED || rc=$? ;;
     probe)    python3 scripts/gpu_op_probe.py --out "$ROOT/probe.jsonl" || rc=$?; cp "$ROOT/probe.jsonl" "${OUT:-/tmp}"/ ;;
     profile)  $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 || rc=$? ;;
   esac

@@ -61,7 +61,7 @@ def test_accessors(engines):
     assert m.synthetic is not None and m.synthetic["config"] == "tiny"
     assert set(COMPONENTS) <= set(m.components)
     for name in COMPONENTS:
-        assert m.variants(name) == ("bf16", "cuda", "cuda_fold", "cpu")
+        assert m.variants(name) == ("bf16", "cuda", "cpu")
         for variant in m.variants(name):
             assert m.graph_path(name, variant).is_file()
         assert m.graph_path(name, "bf16") == engines.absolute() / f"{name}.onnx"
@@ -72,8 +72,7 @@ def test_accessors(engines):
     files = {e["file"] for c in raw["components"].values() for e in [*c["graphs"].values(), c.get("data")] if e}
     assert sorted(e["file"] for e in m.file_entries()) == sorted(files)
     assert [e["file"] for e in m.file_entries("vae_decoder")] == [
-        "vae_decoder.onnx", "vae_decoder.cuda.onnx", "vae_decoder.cuda_fold.onnx", "vae_decoder.cpu.onnx",
-        "vae_decoder.onnx.data"]
+        "vae_decoder.onnx", "vae_decoder.cuda.onnx", "vae_decoder.cpu.onnx", "vae_decoder.onnx.data"]
     for name, comp in raw["components"].items():                 # e.g. a weightless helper graph
         if "data" not in comp:
             assert m.data_path(name) is None
@@ -81,7 +80,7 @@ def test_accessors(engines):
     assert "dit_cond.cpu.onnx" in cpu and "dit_cond.onnx.data" in cpu and "dit_cond.onnx" not in cpu
     assert len(cpu) == len(set(cpu)) and all((engines / f).is_file() for f in cpu)
     assert m.files_for_variant("bf16", ["vae_decoder"]) == ["vae_decoder.onnx", "vae_decoder.onnx.data"]
-    with pytest.raises(ManifestError, match="no 'fp4' graph; allowed: bf16, cuda, cuda_fold, cpu"):
+    with pytest.raises(ManifestError, match="no 'fp4' graph; allowed: bf16, cuda, cpu"):
         m.graph_path("dit_cond", "fp4")
     with pytest.raises(ManifestError, match="no component 'unet'"):
         m.input_names("unet")
@@ -199,11 +198,10 @@ def test_verify_cache(copy, monkeypatch):
     calls = []
     real = manifest_mod._sha256
     monkeypatch.setattr(manifest_mod, "_sha256", lambda p, *a: calls.append(Path(p).name) or real(p, *a))
-    assert verify(m, ["text_encoder"]) == ["text_encoder.onnx", "text_encoder.cuda.onnx",
-                                           "text_encoder.cuda_fold.onnx", "text_encoder.cpu.onnx",
+    assert verify(m, ["text_encoder"]) == ["text_encoder.onnx", "text_encoder.cuda.onnx", "text_encoder.cpu.onnx",
                                            "text_encoder.onnx.data"]
     first = len(calls)
-    assert first == 5
+    assert first == 4
     assert verify(m, ["text_encoder"]) == [] and len(calls) == first          # nothing re-read
     assert verify(load_manifest(copy), ["text_encoder.onnx"]) == []           # a fresh Manifest shares it
     # a changed file is read again even if its mtime is put back (size/mtime/ctime/inode make the key)

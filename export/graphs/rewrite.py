@@ -6,11 +6,7 @@ run in fp32 on widened inputs and its output rounded through Cast(bf16): same nu
 * `cpu` — onnxruntime's CPU provider has almost no bf16 kernels: every op is emulated, every bf16 value
   becomes an fp32 value holding a bf16-representable number (Cast(bf16) → Cast(fp32) after each op).
 * `cuda` — onnxruntime's CUDA provider runs most of the graph in bf16; only the ops listed in
-  `CUDA_FP32_OPS` (found on the GPU machine: no bf16 kernel registered) are wrapped, except the weight
-  dequantization, which becomes Cast(e4m3→bf16)·scale in bf16: bf16(q·s) with q exact in bf16 is the
-  official formula, bit for bit, at 7 instead of 11 bytes of traffic per weight and run (scripts/gpu_op_probe.py).
-* `cuda_fold` — the same with the fp32 DequantizeLinear→Cast form, which onnxruntime's constant folding can
-  evaluate on the CPU at session creation (the runtime's `dequantize_at_load`: bf16 weights resident).
+  `CUDA_FP32_OPS` (found on the GPU machine: no bf16 kernel registered) are wrapped.
 
 The rewritten graphs keep the bf16 initializers and read the same weight file as the canonical graph.
 """
@@ -19,10 +15,12 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from .builder import BF16, F32, FP8
+from .builder import BF16, F32
 
 # onnxruntime-gpu 1.31 (CUDA EP) has no bf16 kernel for these (session creation fails with "Provider type
-# for <op> node ... is not set"); measured with scripts/gpu_export_check.py.
+# for <op> node ... is not set"); measured with scripts/gpu_export_check.py. The dequantization cannot instead
+# be Cast(e4m3→bf16)·scale: that CUDA Cast returns wrong values (up to 9.2e18 from e4m3 weights, H200,
+# docs/tuning.md §4), so it stays DequantizeLinear in fp32 → Cast(bf16).
 CUDA_FP32_OPS = frozenset({"DequantizeLinear", "Resize"})
 
 
@@ -114,35 +112,6 @@ def bf16_to_fp32_emulation(model: onnx.ModelProto) -> onnx.ModelProto:
     return emulate_bf16(model, None)
 
 
-def dequantize_in_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace each per-output-channel weight DequantizeLinear(e4m3, bf16 scale, axis = last) by
-    Cast(to bf16) → Mul(scale): every e4m3 value is exact in bf16, so the Mul's one rounding gives
-    bf16(q·s) — what DequantizeLinear to bf16 means — with kernels that exist in bf16."""
-    types = {t.name: (t.data_type, len(t.dims)) for t in model.graph.initializer}
-    nodes = []
-    for node in model.graph.node:
-        q = types.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        s = types.get(node.input[1]) if q else None
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        if q and s and q[0] == FP8 and s[0] == BF16 and len(node.input) == 2 and axis in (-1, q[1] - 1):
-            qb = f"{node.output[0]}__bf16"
-            nodes += [helper.make_node("Cast", [node.input[0]], [qb], to=BF16, name=f"{node.name}_cast"),
-                      helper.make_node("Mul", [qb, node.input[1]], [node.output[0]], name=f"{node.name}_scale")]
-        else:
-            nodes.append(node)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    return out
-
-
-def for_cuda(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The onnxruntime-CUDA twin: bf16 dequantization, fp32 only for ops without bf16 CUDA kernels."""
-    return emulate_bf16(dequantize_in_bf16(model), CUDA_FP32_OPS)
-
-
-def for_cuda_fold(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The onnxruntime-CUDA twin for dequantize-at-load: DequantizeLinear kept (in fp32), so onnxruntime's
-    constant folding can turn every FP8 weight into a bf16 initializer when the session is created."""
-    return emulate_bf16(model, CUDA_FP32_OPS)
+def for_cuda(model: onnx.ModelProto, ops: frozenset[str] = CUDA_FP32_OPS) -> onnx.ModelProto:
+    """The onnxruntime-CUDA twin: bf16 except the ops without bf16 CUDA kernels."""
+    return emulate_bf16(model, ops)

@@ -15,22 +15,17 @@ VARIANT = {"cpu": "cpu", "cuda": "cuda"}
 PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-EXECUTION_ORDERS = ("DEFAULT", "PRIORITY_BASED")
-
-
 class OnnxRuntimeBackend:
     def __init__(self, manifest, device: str = "cpu", device_id: int = 0, threads: int | None = None,
                  components: tuple[str, ...] | None = None,
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
-                 execution_order: str = "DEFAULT", uncond_device_id: int | None = None):
-        """Constant folding is off unless dequantize_at_load: onnxruntime would otherwise fold the graphs'
-        Cast(e4m3→bf16) of every weight on the CPU at session creation (minutes, and bf16 copies resident).
+                 uncond_device_id: int | None = None):
+        """Constant folding is off unless dequantize_at_load: the FP8 weights stay FP8 in memory, and nothing
+        else in the graphs is worth folding.
         arena_extend_strategy: CUDA arena growth, "kNextPowerOfTwo" (onnxruntime's default) or
         "kSameAsRequested" (less memory held).
-        dequantize_at_load=True: bf16 weights folded once at session creation (CUDA: the `cuda_fold` graphs;
-        onnxruntime folds on the CPU, so the load is slow), 2x the FP8 weight memory, no per-run dequantization.
-        execution_order: onnxruntime's node order, "DEFAULT" or "PRIORITY_BASED" (which decides how long
-        each dequantized weight stays alive: docs/tuning.md).
+        dequantize_at_load=True: bf16 weights folded once at session creation (onnxruntime folds on the CPU,
+        so the load is slow), 2x the FP8 weight memory, no per-run dequantization.
         uncond_device_id (CUDA): run dit_uncond on this GPU, concurrently with dit_cond ("CFG-parallel")."""
         try:
             import onnxruntime as ort
@@ -39,19 +34,16 @@ class OnnxRuntimeBackend:
         if PROVIDER[device] not in ort.get_available_providers():
             raise BackendUnavailable(f"{PROVIDER[device]} is not available in this onnxruntime build "
                                      f"(available: {', '.join(ort.get_available_providers())})")
-        if execution_order not in EXECUTION_ORDERS:
-            raise ValueError(f"execution_order={execution_order!r}; allowed: {', '.join(EXECUTION_ORDERS)}")
         if uncond_device_id is not None and device != "cuda":
             raise ValueError("uncond_device_id needs the CUDA provider (onnxruntime-cuda)")
         self.ort = ort
         self.name = f"onnxruntime-{device}"
-        self.graph_variant = "cuda_fold" if device == "cuda" and dequantize_at_load else VARIANT[device]
+        self.graph_variant = VARIANT[device]
         self.device, self.device_id = device, device_id
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
-        opts.execution_order = getattr(ort.ExecutionOrder, execution_order)
         if dequantize_at_load:
             opts.add_session_config_entry("session.disable_quant_qdq", "1")
         else:
