@@ -186,6 +186,9 @@ class Pipeline:
                 if progress:
                     progress(done, total)
             z_host = be.download(z)
+            if not np.isfinite(z_host).all():     # a broken kernel must not turn into a silently black image
+                raise FloatingPointError(f"{be.name}: the sampler state became non-finite "
+                                         f"({int((~np.isfinite(z_host)).sum())} values) for prompt length {n}")
             timings["denoise_s"] += time.perf_counter() - t
             t = time.perf_counter()
             img = be.run("vae_decoder", {"latents": z_host.reshape(B, gh, gw, NOISE_SHAPE_TAIL)})["image"]

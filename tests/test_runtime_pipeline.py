@@ -139,3 +139,21 @@ def test_backend_options_keep_the_numbers(engines, pipe, option):
 def test_cfg_parallel_needs_the_cuda_provider(engines):
     with pytest.raises(ValueError, match="uncond_device_id needs the CUDA provider"):
         Pipeline(engines, backend="onnxruntime-cpu", uncond_device_id=1)
+
+
+def test_non_finite_sampler_state_is_an_error(engines):
+    """A backend whose kernels produce NaN (seen on the GPU with a broken Cast) fails loudly, never returns
+    an image. The fault is injected into the real backend's dit_cond output."""
+    p = Pipeline(engines, backend="onnxruntime-cpu")
+    real = p.backend.run
+
+    def faulty(component, inputs):
+        out = real(component, inputs)
+        if component == "dit_cond":
+            v = p.backend.download(out["velocity"]).copy()
+            v[0, 0, 0] = np.nan
+            out["velocity"] = p.backend.upload(v)
+        return out
+    p.backend.run = faulty
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        p.generate("a lighthouse at dusk", width=256, height=256, steps=1, guidance=3.0, seed=1)
