@@ -35,7 +35,15 @@ def cmd_generate(args) -> int:
     try:
         for o in outputs:
             check_writable(o)
-        pipe = Pipeline(args.engines, backend=args.backend)
+        options = {}
+        if args.uncond_device is not None:
+            options["uncond_device_id"] = args.uncond_device
+        if args.dequantize_at_load:
+            options["dequantize_at_load"] = True
+        if options and args.backend != "onnxruntime-cuda":
+            raise ValueError(f"--uncond-device / --dequantize-at-load need --backend onnxruntime-cuda "
+                             f"(got --backend {args.backend})")
+        pipe = Pipeline(args.engines, backend=args.backend, **options)
     except (ValueError, ManifestError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -127,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--height", type=int, default=1024)
     g.add_argument("--output", default="out.png", help="PNG path (with several prompts: <stem>-<i>.png)")
     g.add_argument("--backend", default="auto", help="auto, tensorrt, tensorrt-rtx, onnxruntime-cuda, onnxruntime-cpu")
+    g.add_argument("--uncond-device", type=int, default=None,
+                   help="onnxruntime-cuda: run the unconditional DiT on this GPU, concurrently (CFG-parallel)")
+    g.add_argument("--dequantize-at-load", action="store_true",
+                   help="onnxruntime-cuda: bf16 weights folded at load (faster steps, 2x weight memory, slow load)")
     g.add_argument("--json", action="store_true", help="print timings and outputs as one JSON object")
     g.add_argument("--progress", action="store_true", help="show the step progress bar even when not a TTY")
     g.set_defaults(func=cmd_generate)

@@ -70,6 +70,7 @@ def test_info(engines):
     ("unwritable", "not a writable directory"),
     ("size", "height=250 must be a multiple of 16"),
     ("preset", "unknown sampler preset 'NOPE'"),
+    ("cfg_parallel_on_cpu", "--uncond-device / --dequantize-at-load need --backend onnxruntime-cuda"),
 ])
 def test_refusals_write_nothing(engines, tmp_path, case, msg):
     import shutil
@@ -90,6 +91,8 @@ def test_refusals_write_nothing(engines, tmp_path, case, msg):
         extra = ["--height", "250"]
     elif case == "preset":
         extra = ["--sampler-preset", "NOPE"]
+    elif case == "cfg_parallel_on_cpu":
+        extra = ["--uncond-device", "1"]
     r = run("generate", "--engines", eng, "--prompt", "a fox", "--output", out, "--backend", "onnxruntime-cpu", *extra)
     assert r.returncode == 2 and msg in r.stderr, r.stderr
     assert list((tmp_path / "out").iterdir()) == []
