@@ -201,6 +201,26 @@ def arena_case(results):
         results.append(row)
 
 
+def cast_case(results):
+    """Cast of an e4m3 initializer to bf16 / fp16 / fp32 on the CUDA provider (constant folding off, so the
+    CUDA kernel runs), against torch's exact decoding of the same bytes."""
+    q = (torch.randn(4608, 512) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    exact = q.to(torch.float32)
+    for name, t in (("bf16", BF16), ("fp16", TP.FLOAT16), ("fp32", F32)):
+        nodes = [helper.make_node("Cast", ["q"], ["c"], to=t), helper.make_node("Cast", ["c"], ["y"], to=F32)]
+        m = model(nodes, [vi("x", F32, [1])], [vi("y", F32, [4608, 512])], [init("q", q, FP8)])
+        m.graph.node.insert(0, helper.make_node("Identity", ["x"], ["unused"]))
+        row = {"case": "Cast e4m3 initializer on CUDA", "variant": f"to {name}"}
+        try:
+            s = session(m, config={"optimization.disable_specified_optimizers": "ConstantFolding"})
+            y = torch.from_numpy(s.run(None, {"x": np.zeros(1, np.float32)})[0])
+            row.update(exact_fraction=(y == exact).float().mean().item(), max_abs=(y - exact).abs().max().item())
+        except Exception as e:  # noqa: BLE001
+            row["error"] = str(e).splitlines()[0][:300]
+        print(json.dumps(row), flush=True)
+        results.append(row)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
@@ -208,6 +228,7 @@ def main() -> None:
     print(json.dumps({"onnxruntime": ort.__version__, "device": torch.cuda.get_device_name()}))
     results: list[dict] = []
     dev = lambda *s: torch.randn(*s, device="cuda").to(torch.bfloat16)  # noqa: E731
+    cast_case(results)
     case("rms_norm (L, D)", norm_models([1, L, D], 1e-5), {"x": dev(1, L, D) * 3}, results)
     case("qk rms_norm (L, H, hd)", norm_models([1, L, H, HD], 1e-5), {"x": dev(1, L, H, HD) * 3}, results)
     case("rope (H, L, hd)", rope_models(), {"x": dev(1, H, L, HD)}, results)
