@@ -143,8 +143,7 @@ class Pipeline:
         # cond and uncond are independent within a step: a backend that places them on two GPUs runs them
         # at the same time (CFG-parallel); others run them one after the other
         run_pair = getattr(be, "run_concurrently", None) or (lambda calls: [be.run(c, i) for c, i in calls])
-        placed = getattr(be, "devices", None) is not None
-        upload = (lambda a, c: be.upload(a, c)) if placed else (lambda a, c: be.upload(a))
+        apart = getattr(be, "parallel", False)
         gh, gw = token_grid(height, width)
         steps = plan(sampling.steps, resolution_mu(sampling.mu, height, width), sampling.std, sampling.guidance)
         groups: dict[int, list[int]] = {}
@@ -164,17 +163,18 @@ class Pipeline:
             t = time.perf_counter()
             cos, sin = dit_rope_tables(n, gh, gw, self.manifest.inv_freq, self.manifest.mrope_section)
             cos_c, sin_c = (be.upload(np.ascontiguousarray(np.broadcast_to(a, (B, *a.shape)))) for a in (cos, sin))
-            cos_u, sin_u = (upload(np.ascontiguousarray(np.broadcast_to(a[n:], (B, *a[n:].shape))), "dit_uncond")
-                            for a in (cos, sin))
+            cos_u, sin_u = (be.upload(np.ascontiguousarray(np.broadcast_to(a[n:], (B, *a[n:].shape))),
+                                      component="dit_uncond") for a in (cos, sin))
             z = be.upload(z0[rows])
             for k, st in enumerate(steps):
                 ts = time.perf_counter()
                 tau = np.full((B,), st.tau, np.float32)
+                tau_c = be.upload(tau)
+                tau_u = be.upload(tau, component="dit_uncond") if apart else tau_c
                 out_c, out_u = run_pair([
-                    ("dit_cond", {"latents": z, "tau": be.upload(tau), "rope_cos": cos_c, "rope_sin": sin_c,
+                    ("dit_cond", {"latents": z, "tau": tau_c, "rope_cos": cos_c, "rope_sin": sin_c,
                                   "text_features": feats}),
-                    ("dit_uncond", {"latents": z, "tau": upload(tau, "dit_uncond"), "rope_cos": cos_u,
-                                    "rope_sin": sin_u})])
+                    ("dit_uncond", {"latents": z, "tau": tau_u, "rope_cos": cos_u, "rope_sin": sin_u})])
                 v_c, v_u = out_c["velocity"], out_u["velocity"]
                 z = be.run("guided_step", {
                     "latents": z, "velocity_cond": v_c, "velocity_uncond": v_u,

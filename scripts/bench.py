@@ -125,6 +125,7 @@ def cmd_runtime(a) -> None:
         res = pipe.generate(PROMPT, width=w, height=h, preset=preset, noise=noise)
         T, N = len(res.token_ids[0]), (h // 16) * (w // 16)
         st = summarise(timer.times)
+        mem = _nvidia_smi_used()
         rec = {"kind": "runtime" + "".join(f" {k}={v}" for k, v in options.items()),
                "backend": pipe.backend.name, "width": w, "height": h, "preset": preset,
                "steps": res.sampling.steps, "text_tokens": T, **st,
@@ -132,7 +133,7 @@ def cmd_runtime(a) -> None:
                "text_encoder_s": res.timings["text_encoder_s"], "vae_s": res.timings["vae_s"],
                "load_s": pipe.load_seconds, "cold_start_s": cold,
                "flops_cond": dit_flops(cfg, T + N, T), "flops_uncond": dit_flops(cfg, N, 0),
-               "gpu_mem_used_mib": (_nvidia_smi_used() or [None])[0], "gpu_mem_used_mib_all": _nvidia_smi_used()}
+               "gpu_mem_used_mib": (mem or [None])[0], "gpu_mem_used_mib_all": mem}
         np.save(root / f"latents_{rec['kind'].replace(' ', '_')}_{w}x{h}_{preset}.npy", res.latents)
         record(root, rec)
 

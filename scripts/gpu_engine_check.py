@@ -85,18 +85,22 @@ def _():
         return {"none": str(e)}
 
 
-@step("rtx_own_checks")
-def _():
-    msgs = []
-
+def _collecting_logger(msgs: list[str], max_severity: int | None = None):
+    """A TensorRT logger that appends "severity: message" to `msgs` (up to `max_severity` if given)."""
     class L(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
 
         def log(self, sev, msg):
-            msgs.append(f"{sev}: {msg}")
+            if max_severity is None or int(sev) <= max_severity:
+                msgs.append(f"{sev}: {msg}")
+    return L()
 
-    lg = L()
+
+@step("rtx_own_checks")
+def _():
+    msgs = []
+    lg = _collecting_logger(msgs)
     rt = trt.Runtime(lg)
     data = (eng / "dit_cond.engine").read_bytes()
     validity, diag = rt.get_engine_validity(data[: max(rt.engine_header_size, 64)])
@@ -109,16 +113,7 @@ def _():
 def _():
     from ideogram4_engine.export import engines as E  # noqa: F401  (needs onnx, jsonschema: may be missing)
     msgs = []
-
-    class L(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-
-        def log(self, sev, msg):
-            if int(sev) <= 2:
-                msgs.append(f"{sev}: {msg}")
-
-    lg = L()
+    lg = _collecting_logger(msgs, max_severity=2)
     b = trt.Builder(lg)
     net = b.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     p = trt.OnnxParser(net, lg)

@@ -17,7 +17,7 @@ import torch
 
 from ..dit import DiTConfig, FINAL_NORM_EPS, LLM_NORM_EPS, MAX_PERIOD, QK_NORM_EPS, TIME_SCALE
 from .builder import F32, GraphBuilder
-from .layers import apply_rope, layer_norm, linear, rms_norm, rope_tables, silu, to_bf16
+from .layers import apply_rope, layer_norm, linear, rms_norm, signed_sin, silu, to_bf16
 
 ATTENTION_FORMS = ("op", "matmul")
 
@@ -81,8 +81,7 @@ def build_dit(cfg: DiTConfig, src, graph_path: Path, *, text: bool, attention_fo
         n_text = g.op("Shape", feats, start=1, end=2)
 
     cos = g.op("Unsqueeze", to_bf16(g, cos_in), g.i64(2))        # (B, L, 1, hd): broadcast over heads
-    sin = g.op("Unsqueeze", to_bf16(g, sin_in), g.i64(2))
-    cos, sin = rope_tables(g, cos, sin, hd)
+    sin = signed_sin(g, g.op("Unsqueeze", to_bf16(g, sin_in), g.i64(2)), hd)
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         s1, g1, s2, g2 = g.op("Split", linear(g, a, p + "adaln_modulation", src, bias=True),

@@ -66,12 +66,11 @@ def silu(g: GraphBuilder, x: str) -> str:
     return to_bf16(g, g.op("Mul", xf, g.op("Sigmoid", xf)))
 
 
-def rope_tables(g: GraphBuilder, cos: str, sin: str, head_dim: int) -> tuple[str, str]:
-    """bf16 (cos, sign·sin) with sign = −1 on the first half: rot(x)·sin = swap_halves(x)·(sign·sin) exactly
+def signed_sin(g: GraphBuilder, sin: str, head_dim: int) -> str:
+    """bf16 sign·sin with sign = −1 on the first half: rot(x)·sin = swap_halves(x)·(sign·sin) exactly
     (negation is exact and rounding is symmetric), which spares a Neg and a Concat per rotation."""
     half = head_dim // 2
-    sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(torch.bfloat16)
-    return cos, g.op("Mul", sin, g.const(sign))
+    return g.op("Mul", sin, g.const(torch.cat([-torch.ones(half), torch.ones(half)]).to(torch.bfloat16)))
 
 
 def apply_rope(g: GraphBuilder, x: str, cos: str, sin_signed: str, head_dim: int) -> str:

@@ -30,7 +30,7 @@ import torch
 
 from ..text_encoder import NUM_TAPS, PREFIX, tap_layers, text_dims
 from .builder import F32, I64, GraphBuilder
-from .layers import apply_rope, linear, rms_norm, rope_tables, silu, to_bf16
+from .layers import apply_rope, linear, rms_norm, signed_sin, silu, to_bf16
 
 ATTENTION_FORMS = ("op", "matmul")
 MAX_TEXT_TOKENS = 2048          # per prompt, chat template included (spec §3.2, trap 25)
@@ -121,7 +121,7 @@ def build_text_encoder(text_config, src, graph_path: Path, *, attention_form: st
     ids = g.input("input_ids", I64, ["batch", "text_tokens"])
     pos = positions(g, ids)
     cos, sin = (g.op("Unsqueeze", t, g.i64(1)) for t in rope_cos_sin(g, pos, inv_freq))  # (n, 1, hd)
-    cos, sin = rope_tables(g, cos, sin, hd)
+    sin = signed_sin(g, sin, hd)
     allowed = None
     if attention_form == "matmul":                                                  # key j ≤ query i
         allowed = g.op("GreaterOrEqual", g.op("Unsqueeze", pos, g.i64(1)), g.op("Unsqueeze", pos, g.i64(0)))

@@ -18,7 +18,7 @@ class Backend(Protocol):
     name: str            # e.g. "onnxruntime-cpu"
     graph_variant: str   # which manifest graph file it runs: "bf16", "cuda" or "cpu"
 
-    def upload(self, array: np.ndarray) -> Any: ...
+    def upload(self, array: np.ndarray, *, component: str | None = None) -> Any: ...   # to that graph's device
 
     def download(self, value: Any) -> np.ndarray: ...
 

@@ -65,12 +65,13 @@ class OnnxRuntimeBackend:
             if device == "cuda" and self.sessions[c].get_providers()[0] != PROVIDER[device]:
                 raise BackendUnavailable(f"{path.name} did not get the CUDA provider")
         self._outputs = {c: [o.name for o in s.get_outputs()] for c, s in self.sessions.items()}
+        self.parallel = len(set(self.devices.values())) > 1      # CFG-parallel: graphs on two GPUs
         self._pool = None
-        if len(set(self.devices.values())) > 1:
+        if self.parallel:
             from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ort-cfg")
 
-    def upload(self, array: np.ndarray, component: str | None = None) -> Any:
+    def upload(self, array: np.ndarray, *, component: str | None = None) -> Any:
         """To the device of `component` (default: the main device)."""
         dev = self.devices.get(component, self.device_id)
         return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, dev)
@@ -82,11 +83,11 @@ class OnnxRuntimeBackend:
         """`value` as an OrtValue on `component`'s device; crossing GPUs goes through the host (a few MB of
         latents and velocities per step)."""
         if not isinstance(value, self.ort.OrtValue):
-            return self.upload(value, component)
-        if self._pool is not None and value.device_name() == "cuda":
+            return self.upload(value, component=component)
+        if self.parallel and value.device_name() == "cuda":
             dev = self.devices.get(component, self.device_id)
             if value._ortvalue.__dlpack_device__()[1] != dev:     # (DLPack device type, device id)
-                return self.upload(value.numpy(), component)
+                return self.upload(value.numpy(), component=component)
         return value
 
     def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +104,7 @@ class OnnxRuntimeBackend:
     def run_concurrently(self, calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         """Several independent graphs; on different GPUs they run at the same time (onnxruntime releases
         the GIL while it runs), otherwise one after the other."""
-        if self._pool is None:
+        if not self.parallel:
             return [self.run(c, i) for c, i in calls]
         futures = [self._pool.submit(self.run, c, i) for c, i in calls]
         return [f.result() for f in futures]

@@ -448,7 +448,8 @@ class TensorRTBackend:
     def check_size(self, height: int, width: int) -> None:
         check_engine_size(self.manifest, self.entries, height, width)
 
-    def upload(self, array: np.ndarray, dtype=None) -> DeviceArray:
+    def upload(self, array: np.ndarray, dtype=None, *, component: str | None = None) -> DeviceArray:
+        """One device for every engine: `component` does not change where the array goes."""
         a = np.ascontiguousarray(array if dtype is None else np.asarray(array, dtype=dtype))
         out = DeviceArray(self.cuda, self.stream, a.shape, a.dtype)
         if a.nbytes:
