@@ -32,19 +32,23 @@ from .dit import rope_inv_freq
 from .files import replace_dir, sha256_file
 from .fp8 import quantize_rows
 from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
-from .graphs.rewrite import bf16_to_fp32_emulation, for_cuda
+from .graphs.rewrite import bf16_to_fp32_emulation, for_cuda, fp8_weights, weights_as_inputs
 from .inventory import scale_name
 
-EXPORTER_VERSION = 2          # bump whenever the graphs an unchanged checkpoint exports would change
+EXPORTER_VERSION = 3          # bump whenever the graphs an unchanged checkpoint exports would change
 COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
 SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond": "unconditional_transformer",
           "vae_decoder": "vae"}
 WEIGHT_MODES = ("fp8", "keep")
 SCHEMA = Path(__file__).with_name("manifest.schema.json")
 VARIANTS = {"cuda": for_cuda, "cpu": bf16_to_fp32_emulation}   # graph file suffix -> rewrite of the bf16 graph
+LOAD_DEQUANTIZED = "_dql"     # <c>.<twin>_dql.onnx: the twin with its FP8 weights as bf16 inputs
 GRAPH_USE = {"bf16": "canonical bf16 graph: TensorRT / TensorRT-RTX engines are built from it",
              "cuda": "onnxruntime CUDAExecutionProvider (bf16; ops without bf16 CUDA kernels run in fp32)",
-             "cpu": "onnxruntime CPUExecutionProvider (fp32 compute, bf16 rounding after every op)"}
+             "cpu": "onnxruntime CPUExecutionProvider (fp32 compute, bf16 rounding after every op)",
+             "cuda_dql": "the cuda twin with every FP8 weight a bf16 input, dequantized once at load by the "
+                         "component's `dequantize` graph (onnxruntime `dequantize_at_load`)",
+             "cpu_dql": "the cpu twin with every FP8 weight a bf16 input (as cuda_dql)"}
 
 
 @dataclass(frozen=True)
@@ -245,6 +249,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
         hashes: dict[str, dict[str, str]] = {}
         known = _known_hashes(old)
         components = {}
+        dequantize = _write_dequantize(tmp)
         for name in COMPONENTS:
             comp = ckpt.components[SOURCE[name]]
             if SOURCE[name] not in hashes:
@@ -253,6 +258,8 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
             reused = _reuse(old, out, tmp, name, key)
             if reused is not None:
                 log(f"{name}: unchanged since the last export, reused")
+                if "dequantize" in reused:      # the shared graph is written afresh above
+                    reused["dequantize"]["graph"] = dequantize
                 components[name] = reused
                 continue
             t0 = time.perf_counter()
@@ -265,16 +272,22 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
                 builder, mode = _build(name, ckpt, graph, opts, progress)
                 model = builder.save(graph)
             for variant, rewrite in VARIANTS.items():
-                onnx.save(rewrite(model), str(tmp / f"{name}.{variant}.onnx"))
+                twin = rewrite(model)
+                onnx.save(twin, str(tmp / f"{name}.{variant}.onnx"))
+                onnx.save(weights_as_inputs(twin), str(tmp / f"{name}.{variant}{LOAD_DEQUANTIZED}.onnx"))
+            variants = [*VARIANTS, *(v + LOAD_DEQUANTIZED for v in VARIANTS)]
             ins, outs, call = component_io(name, ckpt)
             components[name] = {
                 "graphs": {"bf16": _file_entry(graph),
-                           **{v: _file_entry(tmp / f"{name}.{v}.onnx") for v in VARIANTS}},
+                           **{v: _file_entry(tmp / f"{name}.{v}.onnx") for v in variants}},
                 "data": _file_entry(tmp / f"{name}.onnx.data"),
                 "inputs": ins, "outputs": outs, "call": call, "cache_key": key,
                 "weights": mode, "initializer_bytes": builder.weight_bytes,
                 "checkpoint_bytes": comp.files.nbytes, "export_seconds": round(time.perf_counter() - t0, 3),
             }
+            table = _fp8_weight_table(model)
+            if table:
+                components[name]["dequantize"] = {"graph": dequantize, "weights": table}
             log(f"{name}: {builder.weight_bytes / 1e6:.1f} MB of weights "
                 f"({builder.weight_bytes / comp.files.nbytes:.3f}x the checkpoint's), "
                 f"{time.perf_counter() - t0:.1f} s")
@@ -304,6 +317,29 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _write_dequantize(folder: Path) -> dict:
+    """The load-time dequantization graph (graphs/dequantize.py), shared by every component."""
+    from .graphs.dequantize import dequantize_model
+    path = folder / "dequantize.onnx"
+    onnx.save(dequantize_model(), str(path))
+    return _file_entry(path)
+
+
+def _fp8_weight_table(model: onnx.ModelProto) -> list[dict]:
+    """Where each FP8 weight and its scale lie in `<c>.onnx.data`, so the runtime can dequantize them at load
+    without parsing ONNX: one entry per bf16 input of the `*_dql` graphs, in their input order."""
+    inits = {i.name: i for i in model.graph.initializer}
+
+    def where(name: str) -> dict:
+        t = inits[name]
+        ext = {e.key: e.value for e in t.external_data}
+        if t.data_location != onnx.TensorProto.EXTERNAL or "offset" not in ext:
+            raise ValueError(f"initializer {name!r} is not in the external data file")
+        return {"offset": int(ext["offset"]), "bytes": int(ext["length"]), "shape": list(t.dims),
+                "dtype": onnx.TensorProto.DataType.Name(t.data_type).lower()}
+    return [{"input": q, "axis": axis, "weight": where(q), "scale": where(s)} for q, s, axis in fp8_weights(model)]
 
 
 def _write_guided_step(folder: Path) -> dict:

@@ -28,6 +28,7 @@ REQUIRED_SECTIONS = ("format", "format_version", "exporter", "source", "model", 
                      "limits", "components")
 REQUIRED_COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
 REQUIRED_VARIANTS = ("bf16", "cuda", "cpu")
+LOAD_DEQUANTIZED = "_dql"               # suffix of the graph variants that take their FP8 weights as bf16 inputs
 REQUIRED_LIMITS = ("min_side", "max_side", "multiple", "max_aspect", "max_text_tokens")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 HASH_CHUNK = 8 << 20
@@ -132,6 +133,10 @@ class Manifest:
         data = self.component(component).get("data")
         return None if data is None else self.root / data["file"]
 
+    def dequantize(self, component: str) -> dict | None:
+        """The component's FP8 weights for load-time dequantization ({graph, weights}), or None."""
+        return self.component(component).get("dequantize")
+
     def input_names(self, component: str) -> list[str]:
         return [io["name"] for io in self.component(component)["inputs"]]
 
@@ -145,7 +150,10 @@ class Manifest:
         out: dict[str, dict] = {}
         for name in names:
             comp = self.component(name)
-            for entry in [*comp["graphs"].values(), *([comp["data"]] if comp.get("data") is not None else [])]:
+            extra = [comp["data"]] if comp.get("data") is not None else []
+            if comp.get("dequantize") is not None:
+                extra.append(comp["dequantize"]["graph"])
+            for entry in [*comp["graphs"].values(), *extra]:
                 out.setdefault(entry["file"], entry)
         return list(out.values())
 
@@ -157,6 +165,9 @@ class Manifest:
             data = self.component(name).get("data")
             if data is not None:
                 out[data["file"]] = None
+            dq = self.dequantize(name)
+            if dq is not None and variant.endswith(LOAD_DEQUANTIZED):
+                out[dq["graph"]["file"]] = None
         return list(out)
 
 
@@ -274,6 +285,23 @@ def _check(raw: dict, path: Path) -> None:
             c.file_entry(entry, f"components.{name}.graphs.{variant}")
         if comp.get("data") is not None:
             c.file_entry(comp["data"], f"components.{name}.data")
+        if comp.get("dequantize") is not None:
+            dq = c.obj(comp, "dequantize", f"components.{name}.")
+            c.file_entry(dq.get("graph"), f"components.{name}.dequantize.graph")
+            if comp.get("data") is None:
+                c.fail(f"`components.{name}.dequantize` needs the component's `data` file")
+            for k, w in enumerate(dq.get("weights") or [None]):
+                where = f"components.{name}.dequantize.weights[{k}]"
+                if not (isinstance(w, dict) and isinstance(w.get("input"), str) and _int(w.get("axis"))):
+                    c.fail(f"`{where}` must be {{input, axis, weight, scale}}, found {_describe(w)}")
+                for part in ("weight", "scale"):
+                    loc = w.get(part)
+                    if not (isinstance(loc, dict) and _int(loc.get("offset")) and _int(loc.get("bytes"))
+                            and isinstance(loc.get("shape"), list) and all(_int(d) for d in loc["shape"])
+                            and isinstance(loc.get("dtype"), str)
+                            and loc["offset"] + loc["bytes"] <= comp["data"]["bytes"]):
+                        c.fail(f"`{where}.{part}` must be {{offset, bytes, shape, dtype}} inside the data file "
+                               f"({comp['data']['bytes']} bytes), found {_describe(loc)}")
         for side in ("inputs", "outputs"):
             ios = comp[side]
             if not (isinstance(ios, list) and ios and all(isinstance(io, dict) and isinstance(io.get("name"), str)

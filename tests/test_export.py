@@ -44,11 +44,13 @@ def test_manifest_is_complete_and_checksums_match(exported):
     for name, comp in manifest["components"].items():
         for entry in [*comp["graphs"].values(), *([comp["data"]] if "data" in comp else [])]:
             assert hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest() == entry["sha256"], entry
-        for variant in comp["graphs"].values():
+        for kind, variant in comp["graphs"].items():
             model = onnx.load(str(out / variant["file"]), load_external_data=False)
             graph_in = [(i.name, i.type.tensor_type.elem_type) for i in model.graph.input]
             graph_out = [(o.name, o.type.tensor_type.elem_type) for o in model.graph.output]
-            assert graph_in == [(i["name"], ONNX_DTYPES[i["dtype"]]) for i in comp["inputs"]], name
+            weights = [(w["input"], onnx.TensorProto.BFLOAT16) for w in comp.get("dequantize", {}).get("weights", [])]
+            assert graph_in == [(i["name"], ONNX_DTYPES[i["dtype"]]) for i in comp["inputs"]] + \
+                (weights if kind.endswith("_dql") else []), (name, kind)
             assert graph_out == [(o["name"], ONNX_DTYPES[o["dtype"]]) for o in comp["outputs"]], name
             onnx.checker.check_model(str(out / variant["file"]))
         assert comp["initializer_bytes"] <= 1.05 * comp["checkpoint_bytes"], name
@@ -167,3 +169,59 @@ def test_guided_step_graph_is_the_reference_update_bit_for_bit(exported):
                                "dt": np.array([dt32])})
         ref = (torch.from_numpy(z) + (g * torch.from_numpy(v_c) + (1.0 - g) * torch.from_numpy(v_u)) * float(dt32)).numpy()
         np.testing.assert_array_equal(got, ref)
+
+
+def test_load_dequantization_table_points_at_the_fp8_bytes(exported):
+    """Every `dequantize` entry names the exact bytes of an e4m3 initializer and its bf16 scale in the weight
+    file, and the *_dql graphs take exactly those weights as inputs, with no FP8 left in them."""
+    out, manifest, _ = exported
+    assert {n for n, c in manifest["components"].items() if "dequantize" in c} == {"text_encoder", "dit_cond", "dit_uncond"}
+    for name, comp in manifest["components"].items():
+        if "dequantize" not in comp:
+            continue
+        canonical = onnx.load(str(out / comp["graphs"]["bf16"]["file"]))        # with its external data
+        inits = {i.name: i for i in canonical.graph.initializer}
+        raw = (out / comp["data"]["file"]).read_bytes()
+        table = comp["dequantize"]["weights"]
+        fp8 = {i.name for i in inits.values() if i.data_type == onnx.TensorProto.FLOAT8E4M3FN}
+        assert {w["input"] for w in table} <= fp8 and len(table) == len({w["input"] for w in table})
+        for w in table:
+            q = onnx.numpy_helper.to_array(inits[w["input"]])
+            dq = next(n for n in canonical.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == w["input"])
+            for part, tensor, dtype in (("weight", inits[w["input"]], "float8e4m3fn"), ("scale", inits[dq.input[1]], "bfloat16")):
+                loc = w[part]
+                assert loc["dtype"] == dtype and loc["shape"] == list(tensor.dims)
+                assert raw[loc["offset"]:loc["offset"] + loc["bytes"]] == tensor.raw_data
+            assert w["axis"] == 1 and q.shape == tuple(w["weight"]["shape"])
+        for kind in ("cuda_dql", "cpu_dql"):
+            model = onnx.load(str(out / comp["graphs"][kind]["file"]), load_external_data=False)
+            assert not any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+            assert not any(i.data_type == onnx.TensorProto.FLOAT8E4M3FN for i in model.graph.initializer)
+
+
+def _ancestors(model: onnx.ModelProto, value: str) -> set[str]:
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen, todo = set(), [value]
+    while todo:
+        v = todo.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v in producer:
+            todo += [i for i in producer[v].input if i]
+    return seen
+
+
+def test_twins_dequantize_each_weight_after_its_input(exported):
+    """In the onnxruntime twins each FP8 weight's DequantizeLinear depends on the activation it multiplies
+    (so the executor cannot expand every weight up front and hold them all); in the canonical graph it stays
+    on constants only, which TensorRT needs to fold it into its FP8 GEMMs."""
+    out, manifest, _ = exported
+    comp = manifest["components"]["dit_cond"]
+    for kind in ("bf16", "cuda", "cpu"):
+        model = onnx.load(str(out / comp["graphs"][kind]["file"]), load_external_data=False)
+        inputs = {i.name for i in model.graph.input}
+        dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        assert len(dqs) == len(comp["dequantize"]["weights"])
+        dependent = [bool(_ancestors(model, n.output[0]) & inputs) for n in dqs]
+        assert all(dependent) if kind != "bf16" else not any(dependent), kind

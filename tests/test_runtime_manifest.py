@@ -61,7 +61,7 @@ def test_accessors(engines):
     assert m.synthetic is not None and m.synthetic["config"] == "tiny"
     assert set(COMPONENTS) <= set(m.components)
     for name in COMPONENTS:
-        assert m.variants(name) == ("bf16", "cuda", "cpu")
+        assert m.variants(name) == ("bf16", "cuda", "cpu", "cuda_dql", "cpu_dql")
         for variant in m.variants(name):
             assert m.graph_path(name, variant).is_file()
         assert m.graph_path(name, "bf16") == engines.absolute() / f"{name}.onnx"
@@ -69,18 +69,23 @@ def test_accessors(engines):
         assert m.input_names(name) == [io["name"] for io in raw["components"][name]["inputs"]]
         assert m.output_names(name) == [io["name"] for io in raw["components"][name]["outputs"]]
     assert m.input_names("dit_cond") == ["latents", "tau", "rope_cos", "rope_sin", "text_features"]
-    files = {e["file"] for c in raw["components"].values() for e in [*c["graphs"].values(), c.get("data")] if e}
+    files = {e["file"] for c in raw["components"].values()
+             for e in [*c["graphs"].values(), c.get("data"), c.get("dequantize", {}).get("graph")] if e}
     assert sorted(e["file"] for e in m.file_entries()) == sorted(files)
     assert [e["file"] for e in m.file_entries("vae_decoder")] == [
-        "vae_decoder.onnx", "vae_decoder.cuda.onnx", "vae_decoder.cpu.onnx", "vae_decoder.onnx.data"]
+        "vae_decoder.onnx", "vae_decoder.cuda.onnx", "vae_decoder.cpu.onnx", "vae_decoder.cuda_dql.onnx",
+        "vae_decoder.cpu_dql.onnx", "vae_decoder.onnx.data"]
+    assert "dequantize.onnx" in [e["file"] for e in m.file_entries("dit_cond")]
     for name, comp in raw["components"].items():                 # e.g. a weightless helper graph
         if "data" not in comp:
             assert m.data_path(name) is None
     cpu = m.files_for_variant("cpu")
     assert "dit_cond.cpu.onnx" in cpu and "dit_cond.onnx.data" in cpu and "dit_cond.onnx" not in cpu
-    assert len(cpu) == len(set(cpu)) and all((engines / f).is_file() for f in cpu)
+    assert len(cpu) == len(set(cpu)) and all((engines / f).is_file() for f in cpu) and "dequantize.onnx" not in cpu
+    dql = m.files_for_variant("cuda_dql")
+    assert "dit_cond.cuda_dql.onnx" in dql and "dit_cond.onnx.data" in dql and dql.count("dequantize.onnx") == 1
     assert m.files_for_variant("bf16", ["vae_decoder"]) == ["vae_decoder.onnx", "vae_decoder.onnx.data"]
-    with pytest.raises(ManifestError, match="no 'fp4' graph; allowed: bf16, cuda, cpu"):
+    with pytest.raises(ManifestError, match="no 'fp4' graph; allowed: bf16, cuda, cpu, cuda_dql, cpu_dql"):
         m.graph_path("dit_cond", "fp4")
     with pytest.raises(ManifestError, match="no component 'unet'"):
         m.input_names("unet")
@@ -131,6 +136,10 @@ def test_wrong_format_or_version(copy):
     (lambda r: r["sampler"].update(default_preset="FAST"), r"`sampler.default_preset` 'FAST' is not one of"),
     (lambda r: r["sampler"]["presets"]["V4_TURBO_12"].update(steps=11), r"has 12 entries, expected one per step \(11\)"),
     (lambda r: r["limits"].pop("max_side"), r"`limits` lacks 'max_side'"),
+    (lambda r: r["components"]["dit_cond"]["dequantize"]["weights"][3]["scale"].update(offset=1 << 40),
+     r"`components.dit_cond.dequantize.weights\[3\].scale` must be \{offset, bytes, shape, dtype\} inside the data file"),
+    (lambda r: r["components"]["text_encoder"]["dequantize"].update(weights=[]),
+     r"`components.text_encoder.dequantize.weights\[0\]` must be \{input, axis, weight, scale\}"),
     (lambda r: r["tokenizer"].update(max_text_tokens="2048"), r"`tokenizer.max_text_tokens` must be a positive"),
 ])
 def test_structure_errors(copy, change, message):
@@ -199,9 +208,10 @@ def test_verify_cache(copy, monkeypatch):
     real = manifest_mod._sha256
     monkeypatch.setattr(manifest_mod, "_sha256", lambda p, *a: calls.append(Path(p).name) or real(p, *a))
     assert verify(m, ["text_encoder"]) == ["text_encoder.onnx", "text_encoder.cuda.onnx", "text_encoder.cpu.onnx",
-                                           "text_encoder.onnx.data"]
+                                           "text_encoder.cuda_dql.onnx", "text_encoder.cpu_dql.onnx",
+                                           "text_encoder.onnx.data", "dequantize.onnx"]
     first = len(calls)
-    assert first == 4
+    assert first == 7
     assert verify(m, ["text_encoder"]) == [] and len(calls) == first          # nothing re-read
     assert verify(load_manifest(copy), ["text_encoder.onnx"]) == []           # a fresh Manifest shares it
     # a changed file is read again even if its mtime is put back (size/mtime/ctime/inode make the key)

@@ -12,8 +12,9 @@ The rewritten graphs keep the bf16 initializers and read the same weight file as
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 
 from .builder import BF16, F32
 
@@ -109,9 +110,167 @@ def emulate_bf16(model: onnx.ModelProto, ops: frozenset[str] | None = None) -> o
 
 def bf16_to_fp32_emulation(model: onnx.ModelProto) -> onnx.ModelProto:
     """The CPU twin: every op emulated."""
-    return emulate_bf16(model, None)
+    return emulate_bf16(dequantize_when_needed(model), None)
 
 
 def for_cuda(model: onnx.ModelProto, ops: frozenset[str] = CUDA_FP32_OPS) -> onnx.ModelProto:
     """The onnxruntime-CUDA twin: bf16 except the ops without bf16 CUDA kernels."""
-    return emulate_bf16(model, ops)
+    return emulate_bf16(dequantize_when_needed(model), ops)
+
+
+# ------------------------------------------------------------------------------ when the weights are dequantized
+
+def _fp8_dequantizations(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The DequantizeLinear nodes that expand an e4m3 initializer (a quantized Linear's weight)."""
+    fp8 = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT8E4M3FN}
+    return [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in fp8]
+
+
+def _consumers(nodes) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def _rounded_weight(node: onnx.NodeProto, users: dict[str, list[onnx.NodeProto]]) -> tuple[str, list[onnx.NodeProto]]:
+    """(name of the bf16 weight a dequantization produces, the nodes that produce it from the e4m3 bytes):
+    DequantizeLinear itself in the canonical graph, DequantizeLinear → Cast(bf16) in the twins."""
+    nxt = users.get(node.output[0], [])
+    if len(nxt) == 1 and nxt[0].op_type == "Cast" and \
+            next(a.i for a in nxt[0].attribute if a.name == "to") == BF16:
+        return nxt[0].output[0], [node, nxt[0]]
+    return node.output[0], [node]
+
+
+def dequantize_when_needed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Make every FP8 weight's dequantization wait for the activation it multiplies.
+
+    A DequantizeLinear of an initializer depends on nothing, so onnxruntime's executor may run them all
+    first and hold every dequantized weight (fp32 + bf16: 6 bytes per parameter) at once — 124 GiB for the
+    full model (docs/tuning.md §1, §5). Here the per-row scale passes through
+    Reshape(scale, shape + 0·Shape(x)[:1]): a host-side int64 computation that changes no value but ties the
+    dequantization to x, so each weight is expanded right before its MatMul and its buffers are reused by the
+    next one. For the onnxruntime twins only: TensorRT needs constant DequantizeLinear inputs to fold."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    dqs = _fp8_dequantizations(out)
+    users = _consumers(out.graph.node)
+    dims = {i.name: list(i.dims) for i in out.graph.initializer}
+    extra = [onnx.numpy_helper.from_array(np.zeros(1, np.int64), "dq_dep_zero")]
+    before: dict[int, list[onnx.NodeProto]] = {}       # id(DQ node) -> nodes to insert before it
+    token: dict[str, str] = {}                          # activation -> its zero-valued shape token
+    for dq in dqs:
+        weight = _rounded_weight(dq, users)[0]
+        act = next((i for u in users.get(weight, []) for i in u.input if i and i != weight and i not in dims), None)
+        scale_dims = dims.get(dq.input[1])
+        if act is None or scale_dims is None or len(scale_dims) != 1:
+            continue                                    # nothing to wait for, or not a per-row scale
+        new: list[onnx.NodeProto] = []
+        if act not in token:
+            token[act] = f"{act}__dq_dep"
+            new += [helper.make_node("Shape", [act], [f"{act}__dq_dim"], start=0, end=1, name=f"{act}__dq_dim"),
+                    helper.make_node("Mul", [f"{act}__dq_dim", "dq_dep_zero"], [token[act]], name=token[act])]
+        scale, tag = dq.input[1], f"{dq.name}__dep"
+        extra.append(onnx.numpy_helper.from_array(np.array(scale_dims, np.int64), f"{tag}_shape"))
+        new += [helper.make_node("Add", [f"{tag}_shape", token[act]], [f"{tag}_shape_x"], name=f"{tag}_add"),
+                helper.make_node("Reshape", [scale, f"{tag}_shape_x"], [f"{tag}_scale"], name=f"{tag}_reshape")]
+        dq.input[1] = f"{tag}_scale"
+        before[id(dq)] = new
+    if not before:
+        return out
+    nodes = [_copy(m) for m in _toposort([m for n in out.graph.node for m in [*before.get(id(n), []), n]])]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(extra)
+    return out
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    new = onnx.NodeProto()
+    new.CopyFrom(node)
+    return new
+
+
+def _toposort(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """Nodes in an order where each comes after its producers, otherwise as given (stable)."""
+    import heapq
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output}
+    waiting = [sum(1 for i in set(n.input) if i in producer) for n in nodes]
+    users: dict[int, list[int]] = {}
+    for k, n in enumerate(nodes):
+        for i in set(n.input):
+            if i in producer:
+                users.setdefault(producer[i], []).append(k)
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        k = heapq.heappop(ready)
+        out.append(nodes[k])
+        for u in users.get(k, []):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(out) != len(nodes):
+        raise ValueError("graph has a cycle")
+    return out
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop nodes whose outputs nobody reads and initializers nobody uses (in place)."""
+    g = model.graph
+    wanted = {o.name for o in g.output}
+    keep: list[onnx.NodeProto] = []
+    for n in reversed(g.node):
+        if any(o in wanted for o in n.output):
+            keep.append(n)
+            wanted.update(i for i in n.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [i for i in g.initializer if i.name in wanted]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+
+
+def fp8_weights(model: onnx.ModelProto) -> list[tuple[str, str, int]]:
+    """(e4m3 initializer, its scale initializer, axis) of every FP8 weight, in graph order."""
+    return [(dq.input[0], dq.input[1], next((a.i for a in dq.attribute if a.name == "axis"), 1))
+            for dq in _fp8_dequantizations(model)]
+
+
+def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with every FP8 weight's dequantization cut out: the bf16 weight becomes a graph input
+    named after the e4m3 initializer (appended after the regular inputs, in graph order), to be computed once
+    at load by the `dequantize` graph with the same ops and bound for every run. Nothing else changes, so
+    the results are bit-identical to the twin it is made from."""
+    users = _consumers(model.graph.node)
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    rename: dict[str, str] = {}
+    drop: set[int] = set()
+    inputs = []
+    for dq in _fp8_dequantizations(model):
+        weight, producers = _rounded_weight(dq, users)
+        rename[weight] = dq.input[0]
+        drop.update(id(n) for n in producers)
+        inputs.append(helper.make_tensor_value_info(dq.input[0], BF16, dims[dq.input[0]]))
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = []
+    for n in model.graph.node:
+        if id(n) in drop:
+            continue
+        new = _copy(n)
+        for j, i in enumerate(new.input):
+            new.input[j] = rename.get(i, i)
+        nodes.append(new)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.graph.input.extend(inputs)
+    inits = [i for i in out.graph.initializer if i.name not in rename.values()]    # the e4m3 bytes
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits)
+    _prune(out)
+    return out

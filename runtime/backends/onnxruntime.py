@@ -2,6 +2,13 @@
 
 Inputs and outputs are OrtValues on the provider's device: static inputs (text features, RoPE tables) are
 uploaded once per request and the sampler state never leaves the GPU between steps.
+
+Two ways to hold the FP8 weights (docs/tuning.md):
+* default: FP8 in memory, each weight dequantized right before its MatMul on every run (least memory);
+* `dequantize_at_load`: the `*_dql` graphs take the bf16 weights as inputs; each weight is read from the
+  weight file, dequantized once on its device by the `dequantize` graph (the twins' own ops, so the numbers
+  are bit-identical) and stays bound to the component's IO binding (2x the FP8 weight memory, no per-run
+  dequantization).
 """
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..manifest import LOAD_DEQUANTIZED
 from .base import BackendUnavailable
 
 VARIANT = {"cpu": "cpu", "cuda": "cuda"}
@@ -20,12 +28,11 @@ class OnnxRuntimeBackend:
                  components: tuple[str, ...] | None = None,
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
                  uncond_device_id: int | None = None):
-        """Constant folding is off unless dequantize_at_load: the FP8 weights stay FP8 in memory, and nothing
-        else in the graphs is worth folding.
+        """Constant folding is off: the FP8 weights stay FP8 in memory, and nothing else in the graphs is
+        worth folding.
         arena_extend_strategy: CUDA arena growth, "kNextPowerOfTwo" (onnxruntime's default) or
         "kSameAsRequested" (less memory held).
-        dequantize_at_load=True: bf16 weights folded once at session creation (onnxruntime folds on the CPU,
-        so the load is slow), 2x the FP8 weight memory, no per-run dequantization.
+        dequantize_at_load=True: bf16 weights computed once at load on their device (see the module doc).
         uncond_device_id (CUDA): run dit_uncond on this GPU, concurrently with dit_cond ("CFG-parallel")."""
         try:
             import onnxruntime as ort
@@ -38,38 +45,73 @@ class OnnxRuntimeBackend:
             raise ValueError("uncond_device_id needs the CUDA provider (onnxruntime-cuda)")
         self.ort = ort
         self.name = f"onnxruntime-{device}"
-        self.graph_variant = VARIANT[device]
+        self.graph_variant = VARIANT[device] + (LOAD_DEQUANTIZED if dequantize_at_load else "")
         self.device, self.device_id = device, device_id
-        opts = ort.SessionOptions()
+        self.manifest = manifest
+        self._opts = ort.SessionOptions()
         if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        if dequantize_at_load:
-            opts.add_session_config_entry("session.disable_quant_qdq", "1")
-        else:
-            opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
+            self._opts.intra_op_num_threads = threads
+        self._opts.log_severity_level = 3
+        self._opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
+        self._arena = arena_extend_strategy
         names = components or tuple(manifest.components)
         self.devices = {c: uncond_device_id if c == "dit_uncond" and uncond_device_id is not None else device_id
                         for c in names}
-        self.sessions = {}
-        for c in names:
-            path = manifest.graph_path(c, self.graph_variant)
-            cuda_opts = {"device_id": self.devices[c]}
-            if arena_extend_strategy:
-                cuda_opts["arena_extend_strategy"] = arena_extend_strategy
-            providers = [(PROVIDER[device], cuda_opts)] if device == "cuda" else [PROVIDER[device]]
-            try:
-                self.sessions[c] = ort.InferenceSession(str(path), opts, providers=providers)
-            except Exception as e:  # noqa: BLE001 -- surface which graph failed and why
-                raise BackendUnavailable(f"{self.name} cannot load {path.name}: {str(e).splitlines()[0]}") from None
-            if device == "cuda" and self.sessions[c].get_providers()[0] != PROVIDER[device]:
-                raise BackendUnavailable(f"{path.name} did not get the CUDA provider")
+        self.sessions = {c: self._session(manifest.graph_path(c, self.graph_variant), self.devices[c])
+                         for c in names}
         self._outputs = {c: [o.name for o in s.get_outputs()] for c, s in self.sessions.items()}
+        self._weights: dict[str, Any] = {}      # component -> IO binding holding its bf16 weights
+        self._keep: list = []
+        if dequantize_at_load:
+            for c in names:
+                if manifest.dequantize(c) is not None:
+                    self._weights[c] = self._bind_weights(c)
         self.parallel = len(set(self.devices.values())) > 1      # CFG-parallel: graphs on two GPUs
         self._pool = None
         if self.parallel:
             from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ort-cfg")
+
+    def _session(self, path, device_id: int, arena: str | None = None):
+        ort = self.ort
+        cuda_opts = {"device_id": device_id}
+        if arena or self._arena:
+            cuda_opts["arena_extend_strategy"] = arena or self._arena
+        providers = [(PROVIDER[self.device], cuda_opts)] if self.device == "cuda" else [PROVIDER[self.device]]
+        try:
+            sess = ort.InferenceSession(str(path), self._opts, providers=providers)
+        except Exception as e:  # noqa: BLE001 -- surface which graph failed and why
+            raise BackendUnavailable(f"{self.name} cannot load {path.name}: {str(e).splitlines()[0]}") from None
+        if self.device == "cuda" and sess.get_providers()[0] != PROVIDER[self.device]:
+            raise BackendUnavailable(f"{path.name} did not get the CUDA provider")
+        return sess
+
+    def _bind_weights(self, component: str):
+        """An IO binding of `component`'s session with every FP8 weight bound as its bf16 dequantization,
+        computed on the component's device, one weight at a time (peak: the bf16 weights plus one fp32
+        temporary). The dequantization session's arena grows by what is asked, so it holds the weights and
+        little else."""
+        ort, dq = self.ort, self.manifest.dequantize(component)
+        dev = self.devices[component]
+        graph = self.manifest.root / dq["graph"]["file"]
+        data = self.manifest.data_path(component)
+        expected = {i.name for i in self.sessions[component].get_inputs()}
+        missing = [w["input"] for w in dq["weights"] if w["input"] not in expected]
+        if missing:
+            raise BackendUnavailable(f"{graph.name} weights {missing[:3]} are not inputs of the "
+                                     f"{component} {self.graph_variant} graph; re-run `make export`")
+        sess = self._session(graph, dev, arena="kSameAsRequested")
+        self._keep.append(sess)                 # its allocator owns the weights' memory: keep it with them
+        binding = self.sessions[component].io_binding()
+        with open(data, "rb") as f:
+            for w in dq["weights"]:
+                out = sess.io_binding()
+                for name, part in (("weight", w["weight"]), ("scale", w["scale"])):
+                    out.bind_ortvalue_input(name, _read_tensor(f, part, ort))
+                out.bind_output("dequantized", self.device, dev)
+                sess.run_with_iobinding(out)
+                binding.bind_ortvalue_input(w["input"], out.get_outputs()[0])
+        return binding
 
     def upload(self, array: np.ndarray, *, component: str | None = None) -> Any:
         """To the device of `component` (default: the main device)."""
@@ -93,7 +135,8 @@ class OnnxRuntimeBackend:
     def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]:
         sess = self.sessions[component]
         dev = self.devices.get(component, self.device_id)
-        binding = sess.io_binding()
+        binding = self._weights.get(component) or sess.io_binding()
+        binding.clear_binding_outputs()        # a kept binding would otherwise write into the last outputs
         for name, value in inputs.items():
             binding.bind_ortvalue_input(name, self._on(value, component))
         for name in self._outputs[component]:
@@ -108,3 +151,19 @@ class OnnxRuntimeBackend:
             return [self.run(c, i) for c, i in calls]
         futures = [self._pool.submit(self.run, c, i) for c, i in calls]
         return [f.result() for f in futures]
+
+
+_ONNX_TYPES = {"float8e4m3fn": (np.uint8, 17), "bfloat16": (np.uint16, 16), "float": (np.float32, 1)}
+
+
+def _read_tensor(f, loc: dict, ort) -> Any:
+    """One tensor of the weight file as a host OrtValue (dtypes numpy lacks are carried by their bits)."""
+    if loc["dtype"] not in _ONNX_TYPES:
+        raise BackendUnavailable(f"cannot dequantize a {loc['dtype']} tensor at load (allowed: {', '.join(_ONNX_TYPES)})")
+    np_type, onnx_type = _ONNX_TYPES[loc["dtype"]]
+    buf = bytearray(loc["bytes"])
+    f.seek(loc["offset"])
+    raw = np.frombuffer(buf[:f.readinto(buf)], np_type)
+    if raw.size != int(np.prod(loc["shape"], dtype=np.int64)):
+        raise BackendUnavailable(f"weight file {f.name}: {loc} is truncated or does not match its shape")
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw.reshape(loc["shape"]), onnx_type)
