@@ -24,6 +24,7 @@ for stage in "$@"; do
     runtime)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" || rc=$? ;;
     runtime-dqload)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true || rc=$? ;;
     runtime-cfg)     $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option uncond_device_id=1 || rc=$? ;;
+    runtime-arena)   $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option arena_extend_strategy=kSameAsRequested || rc=$? ;;
     runtime-dqload-cfg) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true --option uncond_device_id=1 || rc=$? ;;
     probe)    python3 scripts/gpu_op_probe.py --out "$ROOT/probe.jsonl" || rc=$?; cp "$ROOT/probe.jsonl" "${OUT:-/tmp}"/ ;;
     profile)  $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 || rc=$? ;;
