@@ -61,7 +61,7 @@ class OnnxRuntimeBackend:
                          for c in names}
         self._outputs = {c: [o.name for o in s.get_outputs()] for c, s in self.sessions.items()}
         self._weights: dict[str, Any] = {}      # component -> IO binding holding its bf16 weights
-        self._keep: list = []                   # buffers holding the dequantized weights
+        self._keep: list = []                   # dequantization sessions: their arenas hold the weights
         if dequantize_at_load:
             for c in names:
                 if manifest.dequantize(c) is not None:
@@ -90,10 +90,11 @@ class OnnxRuntimeBackend:
         """An IO binding of `component`'s session with every FP8 weight bound as its bf16 dequantization,
         computed on the component's device one weight at a time.
 
-        The bf16 weights are written into one buffer allocated up front, so the dequantization's temporaries
-        (the e4m3 copy and the fp32 product, 5 bytes per parameter) never interleave with them: in a shared
-        arena they left ~1.5 bytes per parameter of holes (H200: 107.7 instead of ~74 GiB). The dequantization
-        session, with its temporaries, is freed when this returns."""
+        Memory: the dequantization session's arena grows by exactly what is asked and is shrunk after every
+        weight, so each bf16 weight sits in an allocation of its own size and the temporaries (the e4m3
+        copy and the fp32 product, 5 bytes per parameter) are returned at once. Both were measured to matter
+        (docs/tuning.md §8): temporaries left in the arena, or one buffer for all weights from onnxruntime's
+        default power-of-two arena, held 14–24 GiB more than the weights on the H200."""
         ort, dq = self.ort, self.manifest.dequantize(component)
         dev = self.devices[component]
         graph = self.manifest.root / dq["graph"]["file"]
@@ -102,24 +103,20 @@ class OnnxRuntimeBackend:
         if missing:
             raise BackendUnavailable(f"{graph.name} weights {missing[:3]} are not inputs of the "
                                      f"{component} {self.graph_variant} graph; re-run `make export`")
-        offsets, total = [], 0
-        for w in dq["weights"]:
-            offsets.append(total)
-            total += -(-2 * int(np.prod(w["weight"]["shape"], dtype=np.int64)) // _ALIGN) * _ALIGN
-        buffer = ort.OrtValue.ortvalue_from_shape_and_type([total], np.uint8, self.device, dev)
-        self._keep.append(buffer)               # owns the weights' memory
-        base = buffer.data_ptr()
         sess = self._session(graph, dev, arena="kSameAsRequested")
+        self._keep.append(sess)                 # its allocator owns the weights' memory
+        shrink = ort.RunOptions()
+        shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage",
+                                    f"{'gpu' if self.device == 'cuda' else 'cpu'}:{dev}")
         binding = self.sessions[component].io_binding()
         with open(self.manifest.data_path(component), "rb") as f:
-            for w, off in zip(dq["weights"], offsets):
-                shape = w["weight"]["shape"]
+            for w in dq["weights"]:
                 run = sess.io_binding()
                 for name, part in (("weight", w["weight"]), ("scale", w["scale"])):
                     run.bind_ortvalue_input(name, _read_tensor(f, part, ort))
-                run.bind_output("dequantized", self.device, dev, _BF16, shape, base + off)
-                sess.run_with_iobinding(run)
-                binding.bind_input(w["input"], self.device, dev, _BF16, shape, base + off)
+                run.bind_output("dequantized", self.device, dev)
+                sess.run_with_iobinding(run, shrink)
+                binding.bind_ortvalue_input(w["input"], run.get_outputs()[0])
         return binding
 
     def upload(self, array: np.ndarray, *, component: str | None = None) -> Any:
@@ -162,8 +159,6 @@ class OnnxRuntimeBackend:
         return [f.result() for f in futures]
 
 
-_ALIGN = 256                # bytes: each weight starts where a CUDA allocation would
-_BF16 = 16                  # onnx TensorProto.BFLOAT16
 _ONNX_TYPES = {"float8e4m3fn": (np.uint8, 17), "bfloat16": (np.uint16, 16), "float": (np.float32, 1)}
 
 
