@@ -30,9 +30,9 @@ def generate(engines, out, *extra):
 
 def test_generate_json_and_identical_bytes(engines, tmp_path):
     digests = []
-    for i in range(3):
+    for i in range(3):                           # the third run dequantizes the FP8 weights once at load
         out = tmp_path / f"img{i}.png"
-        r = generate(engines, out, "--json")
+        r = generate(engines, out, "--json", *(["--dequantize-at-load"] if i == 2 else []))
         assert r.returncode == 0, r.stderr
         report = json.loads(r.stdout)
         assert report["outputs"] == [str(out)] and report["backend"] == "onnxruntime-cpu"
@@ -70,7 +70,8 @@ def test_info(engines):
     ("unwritable", "not a writable directory"),
     ("size", "height=250 must be a multiple of 16"),
     ("preset", "unknown sampler preset 'NOPE'"),
-    ("cfg_parallel_on_cpu", "--uncond-device / --dequantize-at-load need --backend onnxruntime-cuda"),
+    ("cfg_parallel_on_cpu", "--uncond-device needs --backend onnxruntime-cuda"),
+    ("dequantize_on_tensorrt", "--dequantize-at-load needs --backend onnxruntime-cuda or onnxruntime-cpu"),
 ])
 def test_refusals_write_nothing(engines, tmp_path, case, msg):
     import shutil
@@ -93,6 +94,9 @@ def test_refusals_write_nothing(engines, tmp_path, case, msg):
         extra = ["--sampler-preset", "NOPE"]
     elif case == "cfg_parallel_on_cpu":
         extra = ["--uncond-device", "1"]
-    r = run("generate", "--engines", eng, "--prompt", "a fox", "--output", out, "--backend", "onnxruntime-cpu", *extra)
+    backend = "onnxruntime-cpu"
+    if case == "dequantize_on_tensorrt":
+        backend, extra = "tensorrt-rtx", ["--dequantize-at-load"]
+    r = run("generate", "--engines", eng, "--prompt", "a fox", "--output", out, "--backend", backend, *extra)
     assert r.returncode == 2 and msg in r.stderr, r.stderr
     assert list((tmp_path / "out").iterdir()) == []
