@@ -138,6 +138,23 @@ def test_dequantize_at_load_is_bit_identical(engines, pipe):
         assert np.array_equal(np.asarray(other.images[0]), np.asarray(base.images[0]))
 
 
+def test_dequantize_at_load_refuses_an_unknown_weight_format(engines, tmp_path):
+    """A manifest whose weight table names a format dequantize.onnx does not take is refused at load, naming
+    the weight, before anything is read."""
+    import json
+    import shutil
+    from ideogram4_engine.runtime.backends import BackendUnavailable
+    eng = tmp_path / "eng"
+    shutil.copytree(engines, eng)
+    raw = json.loads((eng / "manifest.json").read_text())
+    w = raw["components"]["dit_cond"]["dequantize"]["weights"][2]
+    w["scale"]["dtype"] = "float"
+    (eng / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BackendUnavailable, match=rf"weight {w['input']} is \(dtype, scale dtype, axis\) = "
+                                                 r"\('float8e4m3fn', 'float', 1\)"):
+        Pipeline(eng, backend="onnxruntime-cpu", dequantize_at_load=True)
+
+
 def test_cfg_parallel_needs_the_cuda_provider(engines):
     with pytest.raises(ValueError, match="uncond_device_id needs the CUDA provider"):
         Pipeline(engines, backend="onnxruntime-cpu", uncond_device_id=1)

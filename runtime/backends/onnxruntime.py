@@ -103,6 +103,11 @@ class OnnxRuntimeBackend:
         if missing:
             raise BackendUnavailable(f"{graph.name} weights {missing[:3]} are not inputs of the "
                                      f"{component} {self.graph_variant} graph; re-run `make export`")
+        for w in dq["weights"]:
+            kinds = (w["weight"]["dtype"], w["scale"]["dtype"], w["axis"])
+            if kinds != ("float8e4m3fn", "bfloat16", 1):
+                raise BackendUnavailable(f"{component}: weight {w['input']} is (dtype, scale dtype, axis) = {kinds}; "
+                                         f"{graph.name} takes ('float8e4m3fn', 'bfloat16', 1)")
         sess = self._session(graph, dev, arena="kSameAsRequested")
         self._keep.append(sess)                 # its allocator owns the weights' memory
         shrink = ort.RunOptions()
@@ -159,13 +164,11 @@ class OnnxRuntimeBackend:
         return [f.result() for f in futures]
 
 
-_ONNX_TYPES = {"float8e4m3fn": (np.uint8, 17), "bfloat16": (np.uint16, 16), "float": (np.float32, 1)}
+_ONNX_TYPES = {"float8e4m3fn": (np.uint8, 17), "bfloat16": (np.uint16, 16)}      # numpy carrier, onnx type
 
 
 def _read_tensor(f, loc: dict, ort) -> Any:
     """One tensor of the weight file as a host OrtValue (dtypes numpy lacks are carried by their bits)."""
-    if loc["dtype"] not in _ONNX_TYPES:
-        raise BackendUnavailable(f"cannot dequantize a {loc['dtype']} tensor at load (allowed: {', '.join(_ONNX_TYPES)})")
     np_type, onnx_type = _ONNX_TYPES[loc["dtype"]]
     buf = bytearray(loc["bytes"])
     f.seek(loc["offset"])
