@@ -155,6 +155,44 @@ def dequant_models(n_out, n_in):
             "bf16_weight": model(pre, [x], [y], [init("wb", wb, BF16)])}
 
 
+def w8a8_models(n_out, n_in):
+    """W8A8 candidates for one linear (issue 7): the activation quantized to e4m3 per tensor, the e4m3 weight
+    used as it is, onnxruntime's contrib `GemmFloat8` (cuBLASLt). Its schema supports FP8 only with transA=0,
+    transB=1, i.e. the weight as (out, in) — the checkpoint's own layout — and scalar scales, so the per-row
+    weight scale is applied to the output. Baseline: the faithful bf16-weight MatMul."""
+    x, y = vi("x", BF16, [1, L, n_in]), vi("y", BF16, [1, L, n_out])
+    w = (torch.randn(n_in, n_out) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = (torch.rand(n_out) * 1e-3 + 1e-4).to(torch.bfloat16)
+    wb = (w.to(torch.bfloat16) * s).to(torch.bfloat16)
+    inits = [init("q_t", w.t().contiguous(), FP8), init("q", w, FP8), init("s", s, BF16),
+             init("one", torch.tensor(1.0), F32), init("inv448", torch.tensor(1 / 448), F32),
+             init("static_sx", torch.tensor(6.0 / 448), F32),
+             init("rows", torch.tensor([L, n_in]), TP.INT64), init("out_shape", torch.tensor([1, L, n_out]), TP.INT64)]
+
+    def gemm(scale: str, trans_b: int, weight: str) -> list:
+        return [helper.make_node("Reshape", ["x", "rows"], ["x2"]),
+                helper.make_node("Cast", ["x2"], ["x32"], to=F32),
+                helper.make_node("QuantizeLinear", ["x32", scale], ["xq"], output_dtype=FP8),
+                helper.make_node("GemmFloat8", ["xq", weight, "", scale, "one"], ["g"], domain="com.microsoft",
+                                 transA=0, transB=trans_b, dtype=BF16),
+                helper.make_node("Mul", ["g", "s"], ["gs"]),
+                helper.make_node("Reshape", ["gs", "out_shape"], ["y"])]
+    dynamic = [helper.make_node("Abs", ["x"], ["ax"]),
+               helper.make_node("ReduceMax", ["ax"], ["mx"], keepdims=0),
+               helper.make_node("Cast", ["mx"], ["mx32"], to=F32),
+               helper.make_node("Mul", ["mx32", "inv448"], ["sx"])]
+    faithful = [helper.make_node("MatMul", ["x", "wb"], ["y"])]
+
+    def m(nodes, extra=()):
+        out = model(nodes, [x], [y], [*inits, *extra])
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        return out
+    return {"bf16_weight": model(faithful, [x], [y], [init("wb", wb, BF16)]),
+            "w8a8 dynamic scale": m(dynamic + gemm("sx", 1, "q_t")),
+            "w8a8 static scale": m(gemm("static_sx", 1, "q_t")),
+            "w8a8 transB=0 (first try's layout)": m(gemm("static_sx", 0, "q"))}
+
+
 def silu_models():
     shape = [1, L, F]
     x, y = vi("x", BF16, shape), vi("y", BF16, shape)
@@ -224,10 +262,16 @@ def cast_case(results):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default=None, help="run only the cases whose name contains this text")
     args = ap.parse_args()
     print(json.dumps({"onnxruntime": ort.__version__, "device": torch.cuda.get_device_name()}))
     results: list[dict] = []
     dev = lambda *s: torch.randn(*s, device="cuda").to(torch.bfloat16)  # noqa: E731
+    if args.only:
+        global case
+        run_case = case
+        case = lambda name, *a, **k: run_case(name, *a, **k) if args.only in name else None  # noqa: E731
+    case("w8a8 linear w1 (12288x4608)", w8a8_models(F, D), {"x": dev(1, L, D)}, results)
     cast_case(results)
     case("rms_norm (L, D)", norm_models([1, L, D], 1e-5), {"x": dev(1, L, D) * 3}, results)
     case("qk rms_norm (L, H, hd)", norm_models([1, L, H, HD], 1e-5), {"x": dev(1, L, H, HD) * 3}, results)
