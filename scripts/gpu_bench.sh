@@ -6,6 +6,7 @@
 #   runtime : lean runtime on onnxruntime CUDA      profile : onnxruntime profiler, one dit_cond forward
 #   runtime-<variant>: the runtime with backend options (see the case list; docs/tuning.md says why each)
 #   probe   : scripts/gpu_op_probe.py (fused-op support, speed and bit-identity at the model's shapes)
+#   memory  : scripts/runtime_memory.py (memory after load and after a generation, per weight mode and arena)
 # Every stage copies results.jsonl and report.md to $OUT.
 set -uo pipefail
 ROOT=${ROOT:-/tmp/ideogram4_bench}
@@ -25,6 +26,9 @@ for stage in "$@"; do
     runtime-dqload)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true || rc=$? ;;
     runtime-cfg)     $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option uncond_device_id=1 || rc=$? ;;
     runtime-arena)   $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option arena_extend_strategy=kSameAsRequested || rc=$? ;;
+    runtime-shared)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option shared_arena=true || rc=$? ;;
+    runtime-dqload-shared) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true --option shared_arena=true || rc=$? ;;
+    memory)   python3 scripts/runtime_memory.py --engines "$ROOT/engines" | tee "${OUT:-/tmp}/memory.jsonl" || rc=$? ;;
     runtime-dqload-cfg) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true --option uncond_device_id=1 || rc=$? ;;
     probe)    python3 scripts/gpu_op_probe.py --out "$ROOT/probe.jsonl" || rc=$?; cp "$ROOT/probe.jsonl" "${OUT:-/tmp}"/ ;;
     profile)  $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 || rc=$? ;;

@@ -138,6 +138,16 @@ def test_dequantize_at_load_is_bit_identical(engines, pipe):
         assert np.array_equal(np.asarray(other.images[0]), np.asarray(base.images[0]))
 
 
+def test_shared_arena_is_bit_identical(engines, pipe):
+    """One arena per device for all graphs (`shared_arena`) changes where activations live, not the numbers;
+    two pipelines in one process share the registered arena, also with the load-time dequantization."""
+    kw = dict(width=256, height=256, steps=2, guidance=(3.0, 7.0), seed=11)
+    base = pipe.generate("a lighthouse at dusk", **kw)
+    for options in (dict(shared_arena=True), dict(shared_arena=True, dequantize_at_load=True)):
+        other = Pipeline(engines, backend="onnxruntime-cpu", **options).generate("a lighthouse at dusk", **kw)
+        assert np.array_equal(other.latents, base.latents), options
+
+
 def test_dequantize_at_load_refuses_an_unknown_weight_format(engines, tmp_path):
     """A manifest whose weight table names a format dequantize.onnx does not take is refused at load, naming
     the weight, before anything is read."""

@@ -27,13 +27,16 @@ class OnnxRuntimeBackend:
     def __init__(self, manifest, device: str = "cpu", device_id: int = 0, threads: int | None = None,
                  components: tuple[str, ...] | None = None,
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
-                 uncond_device_id: int | None = None):
+                 uncond_device_id: int | None = None, shared_arena: bool = False):
         """Constant folding is off: the FP8 weights stay FP8 in memory, and nothing else in the graphs is
         worth folding.
         arena_extend_strategy: CUDA arena growth, "kNextPowerOfTwo" (onnxruntime's default) or
         "kSameAsRequested" (less memory held).
         dequantize_at_load=True: bf16 weights computed once at load on their device (see the module doc).
-        uncond_device_id (CUDA): run dit_uncond on this GPU, concurrently with dit_cond ("CFG-parallel")."""
+        uncond_device_id (CUDA): run dit_uncond on this GPU, concurrently with dit_cond ("CFG-parallel").
+        shared_arena=True: the graphs on one device draw their activations from one arena registered with
+        onnxruntime's environment, instead of one arena each that keeps its own peak: the components run one
+        after the other, so the memory held is the largest peak rather than the sum of them."""
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -48,15 +51,14 @@ class OnnxRuntimeBackend:
         self.graph_variant = VARIANT[device] + (LOAD_DEQUANTIZED if dequantize_at_load else "")
         self.device, self.device_id = device, device_id
         self.manifest = manifest
-        self._opts = ort.SessionOptions()
-        if threads:
-            self._opts.intra_op_num_threads = threads
-        self._opts.log_severity_level = 3
-        self._opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
-        self._arena = arena_extend_strategy
+        self._threads, self._arena = threads, arena_extend_strategy
         names = components or tuple(manifest.components)
         self.devices = {c: uncond_device_id if c == "dit_uncond" and uncond_device_id is not None else device_id
                         for c in names}
+        if shared_arena:
+            for dev in sorted(set(self.devices.values())):
+                _register_shared_arena(ort, device, dev, arena_extend_strategy)
+        self._opts = self._options(shared_arena)
         self.sessions = {c: self._session(manifest.graph_path(c, self.graph_variant), self.devices[c])
                          for c in names}
         self._outputs = {c: [o.name for o in s.get_outputs()] for c, s in self.sessions.items()}
@@ -72,14 +74,24 @@ class OnnxRuntimeBackend:
             from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ort-cfg")
 
-    def _session(self, path, device_id: int, arena: str | None = None):
+    def _options(self, shared_arena: bool):
+        opts = self.ort.SessionOptions()
+        if self._threads:
+            opts.intra_op_num_threads = self._threads
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
+        if shared_arena:
+            opts.add_session_config_entry("session.use_env_allocators", "1")
+        return opts
+
+    def _session(self, path, device_id: int, arena: str | None = None, opts=None):
         ort = self.ort
         cuda_opts = {"device_id": device_id}
         if arena or self._arena:
             cuda_opts["arena_extend_strategy"] = arena or self._arena
         providers = [(PROVIDER[self.device], cuda_opts)] if self.device == "cuda" else [PROVIDER[self.device]]
         try:
-            sess = ort.InferenceSession(str(path), self._opts, providers=providers)
+            sess = ort.InferenceSession(str(path), opts or self._opts, providers=providers)
         except Exception as e:  # noqa: BLE001 -- surface which graph failed and why
             raise BackendUnavailable(f"{self.name} cannot load {path.name}: {str(e).splitlines()[0]}") from None
         if self.device == "cuda" and sess.get_providers()[0] != PROVIDER[self.device]:
@@ -108,7 +120,7 @@ class OnnxRuntimeBackend:
             if kinds != ("float8e4m3fn", "bfloat16", 1):
                 raise BackendUnavailable(f"{component}: weight {w['input']} is (dtype, scale dtype, axis) = {kinds}; "
                                          f"{graph.name} takes ('float8e4m3fn', 'bfloat16', 1)")
-        sess = self._session(graph, dev, arena="kSameAsRequested")
+        sess = self._session(graph, dev, arena="kSameAsRequested", opts=self._options(shared_arena=False))
         self._keep.append(sess)                 # its allocator owns the weights' memory
         shrink = ort.RunOptions()
         shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage",
@@ -162,6 +174,27 @@ class OnnxRuntimeBackend:
             return [self.run(c, i) for c, i in calls]
         futures = [self._pool.submit(self.run, c, i) for c, i in calls]
         return [f.result() for f in futures]
+
+
+_SHARED_ARENAS: set[tuple[str, int]] = set()     # (provider device, device id) registered in this process
+_STRATEGY = {None: -1, "kNextPowerOfTwo": 0, "kSameAsRequested": 1}
+
+
+def _register_shared_arena(ort, device: str, device_id: int, strategy: str | None) -> None:
+    """One arena per device in onnxruntime's environment, used by sessions with session.use_env_allocators.
+    Registered once per process: the first configuration stays."""
+    if (device, device_id) in _SHARED_ARENAS:
+        return
+    if strategy not in _STRATEGY:
+        raise ValueError(f"arena_extend_strategy={strategy!r}; allowed: kNextPowerOfTwo, kSameAsRequested")
+    cfg = ort.OrtArenaCfg(0, _STRATEGY[strategy], -1, -1)      # max_mem 0 = no limit; -1 = onnxruntime's default
+    kind = "Cuda" if device == "cuda" else "Cpu"
+    info = ort.OrtMemoryInfo(kind, ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, device_id, ort.OrtMemType.DEFAULT)
+    if device == "cuda":
+        ort.create_and_register_allocator_v2(PROVIDER[device], info, {"device_id": str(device_id)}, cfg)
+    else:
+        ort.create_and_register_allocator(info, cfg)
+    _SHARED_ARENAS.add((device, device_id))
 
 
 _ONNX_TYPES = {"float8e4m3fn": (np.uint8, 17), "bfloat16": (np.uint16, 16)}      # numpy carrier, onnx type
