@@ -74,8 +74,13 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"bit_identical_fraction": same, "rel_l2": rel, "max_abs": (a32 - b32).abs().max().item()}
 
 
+ONLY: str | None = None         # --only: run just the cases whose name contains this text
+
+
 def case(name, variants, feeds, results, **session_opts):
     """variants: {label: model}; the first is the baseline the others are compared with."""
+    if ONLY and ONLY not in name:
+        return
     base = None
     for label, m in variants.items():
         row = {"case": name, "variant": label}
@@ -267,10 +272,8 @@ def main() -> None:
     print(json.dumps({"onnxruntime": ort.__version__, "device": torch.cuda.get_device_name()}))
     results: list[dict] = []
     dev = lambda *s: torch.randn(*s, device="cuda").to(torch.bfloat16)  # noqa: E731
-    if args.only:
-        global case
-        run_case = case
-        case = lambda name, *a, **k: run_case(name, *a, **k) if args.only in name else None  # noqa: E731
+    global ONLY
+    ONLY = args.only
     case("w8a8 linear w1 (12288x4608)", w8a8_models(F, D), {"x": dev(1, L, D)}, results)
     cast_case(results)
     case("rms_norm (L, D)", norm_models([1, L, D], 1e-5), {"x": dev(1, L, D) * 3}, results)

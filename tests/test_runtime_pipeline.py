@@ -1,4 +1,6 @@
 """The lean runtime on onnxruntime CPU: parity with the torch reference, batching, determinism, no torch."""
+import json
+import shutil
 import subprocess
 import sys
 
@@ -7,6 +9,7 @@ import pytest
 import torch
 
 from ideogram4_engine.export.pipeline import SamplingParams
+from ideogram4_engine.runtime.backends import BackendUnavailable
 from ideogram4_engine.runtime.packing import token_grid
 from ideogram4_engine.runtime.pipeline import Pipeline
 
@@ -73,7 +76,6 @@ def test_seeded_generation_is_deterministic_and_seed_dependent(pipe):
 
 
 def test_checksum_mismatch_is_refused_before_running(engines, tmp_path):
-    import shutil
     from ideogram4_engine.runtime.manifest import ManifestError
     bad = tmp_path / "bad"
     shutil.copytree(engines, bad)
@@ -151,9 +153,6 @@ def test_shared_arena_is_bit_identical(engines, pipe):
 def test_dequantize_at_load_refuses_an_unknown_weight_format(engines, tmp_path):
     """A manifest whose weight table names a format dequantize.onnx does not take is refused at load, naming
     the weight, before anything is read."""
-    import json
-    import shutil
-    from ideogram4_engine.runtime.backends import BackendUnavailable
     eng = tmp_path / "eng"
     shutil.copytree(engines, eng)
     raw = json.loads((eng / "manifest.json").read_text())

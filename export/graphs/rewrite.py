@@ -33,15 +33,20 @@ def _types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+def _consumers(nodes) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
 def _fused_bias_matmuls(model: onnx.ModelProto) -> set[str]:
     """Outputs of MatMuls whose only consumer is an Add of an initializer (a Linear's bias). GEMM libraries
     (PyTorch's addmm, cuBLASLt epilogues, TensorRT) add the bias to the fp32 accumulator and round once, so
     under full emulation these MatMul results are not rounded on their own."""
     inits = {i.name for i in model.graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = _consumers(model.graph.node)
     out = set()
     for n in model.graph.node:
         if n.op_type == "MatMul":
@@ -124,14 +129,6 @@ def _fp8_dequantizations(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The DequantizeLinear nodes that expand an e4m3 initializer (a quantized Linear's weight)."""
     fp8 = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT8E4M3FN}
     return [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in fp8]
-
-
-def _consumers(nodes) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for n in nodes:
-        for i in n.input:
-            out.setdefault(i, []).append(n)
-    return out
 
 
 def _rounded_weight(node: onnx.NodeProto, users: dict[str, list[onnx.NodeProto]]) -> tuple[str, list[onnx.NodeProto]]:
