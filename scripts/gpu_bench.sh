@@ -5,7 +5,7 @@
 #   eager   : torch reference, eager           compiled : torch reference under torch.compile
 #   runtime : lean runtime on onnxruntime CUDA      profile : onnxruntime profiler, one dit_cond forward
 #   runtime-<variant>: the runtime with backend options (see the case list; docs/tuning.md says why each)
-#   probe   : scripts/gpu_op_probe.py (fused-op support, speed and bit-identity at the model's shapes)
+#   probe   : scripts/gpu_op_probe.py (fused-op support, speed and bit-identity at the model's shapes); PROBE_ONLY=<text> runs only matching cases
 #   memory  : scripts/runtime_memory.py (memory after load and after a generation, per weight mode and arena)
 # Every stage copies results.jsonl and report.md to $OUT.
 set -uo pipefail
@@ -30,7 +30,7 @@ for stage in "$@"; do
     runtime-dqload-shared) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true --option shared_arena=true || rc=$? ;;
     memory)   python3 scripts/runtime_memory.py --engines "$ROOT/engines" | tee "${OUT:-/tmp}/memory.jsonl" || rc=$? ;;
     runtime-dqload-cfg) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true --option uncond_device_id=1 || rc=$? ;;
-    probe)    python3 scripts/gpu_op_probe.py --out "$ROOT/probe.jsonl" || rc=$?; cp "$ROOT/probe.jsonl" "${OUT:-/tmp}"/ ;;
+    probe)    python3 scripts/gpu_op_probe.py --out "$ROOT/probe.jsonl" ${PROBE_ONLY:+--only "$PROBE_ONLY"} || rc=$?; cp "$ROOT/probe.jsonl" "${OUT:-/tmp}"/ ;;
     profile)  $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 || rc=$? ;;
   esac
 done

@@ -198,6 +198,46 @@ def w8a8_models(n_out, n_in):
             "w8a8 transB=0 (first try's layout)": m(gemm("static_sx", 0, "q"))}
 
 
+def fp8mm_models(n_out, n_in):
+    """onnxruntime's contrib MatMulBlockQuantizedFp8Weight (1.31): the e4m3 weight as (out, in) with fp32
+    scales per row and K block, dequantized to bf16 in a scratch tile (≤ 256 MiB) right before a cuBLAS GEMM;
+    with a scalar a_scale the activation is rounded to e4m3 too (W8A8; native FP8 GEMM through DeepGEMM on
+    SM90 when ORT_FP8_MATMUL_DEEPGEMM=1 and block_size=128). Baseline: the twins' DequantizeLinear(fp32) →
+    Cast → MatMul on the (in, out) weight."""
+    x, y = vi("x", BF16, [1, L, n_in]), vi("y", BF16, [1, L, n_out])
+    w = (torch.randn(n_in, n_out) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = (torch.rand(n_out) * 1e-3 + 1e-4).to(torch.bfloat16)
+    wb = (w.to(torch.bfloat16) * s).to(torch.bfloat16)
+    blocks = -(-n_in // 128)
+    inits = [init("q", w, FP8), init("q_t", w.t().contiguous(), FP8), init("sf", s.float(), F32),
+             init("s_row", s.float()[:, None], F32), init("s_blk", s.float()[:, None].expand(n_out, blocks), F32),
+             init("inv448", torch.tensor(1 / 448), F32),
+             init("static_sx", torch.tensor(6.0 / 448), F32)]
+    faithful = [helper.make_node("DequantizeLinear", ["q", "sf"], ["wf"], axis=1),
+                helper.make_node("Cast", ["wf"], ["w"], to=BF16),
+                helper.make_node("MatMul", ["x", "w"], ["y"])]
+
+    def op(weight, scale, block, a_scale=None):
+        ins = ["x", weight, scale] + ([a_scale] if a_scale else [])
+        return helper.make_node("MatMulBlockQuantizedFp8Weight", ins, ["y"], domain="com.microsoft", block_size=block)
+    transpose = [helper.make_node("Transpose", ["q"], ["qt_run"], perm=[1, 0])]
+    dynamic = [helper.make_node("Cast", ["x"], ["x32"], to=F32), helper.make_node("Abs", ["x32"], ["ax"]),
+               helper.make_node("ReduceMax", ["ax"], ["mx"], keepdims=0),
+               helper.make_node("Mul", ["mx", "inv448"], ["sx"])]
+
+    def m(nodes):
+        out = model(nodes, [x], [y], inits)
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        return out
+    return {"dq_fp32_cast": m(faithful),
+            "bf16_weight": model([helper.make_node("MatMul", ["x", "wb"], ["y"])], [x], [y], [init("wb", wb, BF16)]),
+            "fp8mm (out,in) block=K": m([op("q_t", "s_row", n_in)]),
+            "fp8mm Transpose per run, block=K": m(transpose + [op("qt_run", "s_row", n_in)]),
+            "fp8mm (out,in) block=128": m([op("q_t", "s_blk", 128)]),
+            "fp8mm W8A8 static a_scale, block=128": m([op("q_t", "s_blk", 128, "static_sx")]),
+            "fp8mm W8A8 dynamic a_scale, block=128": m(dynamic + [op("q_t", "s_blk", 128, "sx")])}
+
+
 def silu_models():
     shape = [1, L, F]
     x, y = vi("x", BF16, shape), vi("y", BF16, shape)
@@ -226,6 +266,8 @@ def order_models(layers=16):
 
 
 def arena_case(results):
+    if ONLY and ONLY not in "fp8 chain memory":
+        return
     for order in ("DEFAULT", "PRIORITY_BASED"):
         m = order_models()
         torch.cuda.synchronize()
@@ -247,6 +289,8 @@ def arena_case(results):
 def cast_case(results):
     """Cast of an e4m3 initializer to bf16 / fp16 / fp32 on the CUDA provider (constant folding off, so the
     CUDA kernel runs), against torch's exact decoding of the same bytes."""
+    if ONLY and ONLY not in "Cast e4m3 initializer":
+        return
     q = (torch.randn(4608, 512) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
     exact = q.to(torch.float32)
     for name, t in (("bf16", BF16), ("fp16", TP.FLOAT16), ("fp32", F32)):
@@ -274,6 +318,8 @@ def main() -> None:
     dev = lambda *s: torch.randn(*s, device="cuda").to(torch.bfloat16)  # noqa: E731
     global ONLY
     ONLY = args.only
+    case("fp8mm w1 (12288x4608)", fp8mm_models(F, D), {"x": dev(1, L, D)}, results)
+    case("fp8mm w2 (4608x12288)", fp8mm_models(D, F), {"x": dev(1, L, F)}, results)
     case("w8a8 linear w1 (12288x4608)", w8a8_models(F, D), {"x": dev(1, L, D)}, results)
     cast_case(results)
     case("rms_norm (L, D)", norm_models([1, L, D], 1e-5), {"x": dev(1, L, D) * 3}, results)
