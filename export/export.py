@@ -32,19 +32,22 @@ from .dit import rope_inv_freq
 from .files import replace_dir, sha256_file
 from .fp8 import quantize_rows
 from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
-from .graphs.rewrite import bf16_to_fp32_emulation, for_cuda, fp8_weights, weights_as_inputs
+from .graphs.rewrite import (bf16_to_fp32_emulation, cpu_dequantized_at_load, cuda_dequantized_at_load, for_cuda,
+                             fp8_weights)
 from .inventory import scale_name
 
-EXPORTER_VERSION = 3          # bump whenever the graphs an unchanged checkpoint exports would change
+EXPORTER_VERSION = 4          # bump whenever the graphs an unchanged checkpoint exports would change
 COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
 SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond": "unconditional_transformer",
           "vae_decoder": "vae"}
 WEIGHT_MODES = ("fp8", "keep")
 SCHEMA = Path(__file__).with_name("manifest.schema.json")
-VARIANTS = {"cuda": for_cuda, "cpu": bf16_to_fp32_emulation}   # graph file suffix -> rewrite of the bf16 graph
 LOAD_DEQUANTIZED = "_dql"     # <c>.<twin>_dql.onnx: the twin with its FP8 weights as bf16 inputs
+VARIANTS = {"cuda": for_cuda, "cpu": bf16_to_fp32_emulation,       # graph file suffix -> rewrite of the bf16 graph
+            "cuda" + LOAD_DEQUANTIZED: cuda_dequantized_at_load, "cpu" + LOAD_DEQUANTIZED: cpu_dequantized_at_load}
 GRAPH_USE = {"bf16": "canonical bf16 graph: TensorRT / TensorRT-RTX engines are built from it",
-             "cuda": "onnxruntime CUDAExecutionProvider (bf16; ops without bf16 CUDA kernels run in fp32)",
+             "cuda": "onnxruntime CUDAExecutionProvider (bf16; ops without bf16 CUDA kernels run in fp32; FP8 linears "
+                     "as com.microsoft.MatMulBlockQuantizedFp8Weight, onnxruntime-gpu >= 1.31)",
              "cpu": "onnxruntime CPUExecutionProvider (fp32 compute, bf16 rounding after every op)",
              "cuda_dql": "the cuda twin with every FP8 weight a bf16 input, dequantized once at load by the "
                          "component's `dequantize` graph (onnxruntime `dequantize_at_load`)",
@@ -272,10 +275,8 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
                 builder, mode = _build(name, ckpt, graph, opts, progress)
                 model = builder.save(graph)
             for variant, rewrite in VARIANTS.items():
-                twin = rewrite(model)
-                onnx.save(twin, str(tmp / f"{name}.{variant}.onnx"))
-                onnx.save(weights_as_inputs(twin), str(tmp / f"{name}.{variant}{LOAD_DEQUANTIZED}.onnx"))
-            variants = [*VARIANTS, *(v + LOAD_DEQUANTIZED for v in VARIANTS)]
+                onnx.save(rewrite(model), str(tmp / f"{name}.{variant}.onnx"))
+            variants = list(VARIANTS)
             ins, outs, call = component_io(name, ckpt)
             components[name] = {
                 "graphs": {"bf16": _file_entry(graph),

@@ -13,7 +13,7 @@ import resource
 import subprocess
 import sys
 
-VARIANTS = ({}, {"shared_arena": True}, {"dequantize_at_load": True}, {"dequantize_at_load": True, "shared_arena": True})
+VARIANTS = ({}, {"shared_arena": False}, {"dequantize_at_load": True}, {"dequantize_at_load": True, "shared_arena": False})
 
 
 def used_mib(backend: str) -> dict:

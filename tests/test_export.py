@@ -213,15 +213,52 @@ def _ancestors(model: onnx.ModelProto, value: str) -> set[str]:
 
 
 def test_twins_dequantize_each_weight_after_its_input(exported):
-    """In the onnxruntime twins each FP8 weight's DequantizeLinear depends on the activation it multiplies
-    (so the executor cannot expand every weight up front and hold them all); in the canonical graph it stays
-    on constants only, which TensorRT needs to fold it into its FP8 GEMMs."""
+    """In the CPU twin each FP8 weight's DequantizeLinear depends on the activation it multiplies (so the
+    executor cannot expand every weight up front and hold them all); in the canonical graph it stays on
+    constants only, which TensorRT needs to fold it into its FP8 GEMMs."""
     out, manifest, _ = exported
     comp = manifest["components"]["dit_cond"]
-    for kind in ("bf16", "cuda", "cpu"):
+    for kind in ("bf16", "cpu"):
         model = onnx.load(str(out / comp["graphs"][kind]["file"]), load_external_data=False)
         inputs = {i.name for i in model.graph.input}
         dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
         assert len(dqs) == len(comp["dequantize"]["weights"])
         dependent = [bool(_ancestors(model, n.output[0]) & inputs) for n in dqs]
         assert all(dependent) if kind != "bf16" else not any(dependent), kind
+
+
+def test_cuda_twin_multiplies_the_e4m3_weights_directly(exported):
+    """The CUDA twin has no DequantizeLinear left: every FP8 weight of the table reaches onnxruntime's
+    MatMulBlockQuantizedFp8Weight as (out, in) — a Transpose of the (in, out) initializer — with its bf16
+    scale as fp32 rows and one block per row (block_size = in), replacing exactly the MatMuls that multiplied
+    the dequantized weight in the canonical graph; the Transpose and the scale rows hang on initializers only,
+    so onnxruntime folds them at load."""
+    out, manifest, _ = exported
+    for name in ("text_encoder", "dit_cond", "dit_uncond"):
+        comp = manifest["components"][name]
+        bf16 = onnx.load(str(out / comp["graphs"]["bf16"]["file"]), load_external_data=False)
+        cuda = onnx.load(str(out / comp["graphs"]["cuda"]["file"]), load_external_data=False)
+        assert not any(n.op_type == "DequantizeLinear" for n in cuda.graph.node)
+        assert any(o.domain == "com.microsoft" and o.version == 1 for o in cuda.opset_import)
+        producer = {o: n for n in cuda.graph.node for o in n.output}
+        inputs = {i.name for i in cuda.graph.input}
+        canon_users = {}
+        for n in bf16.graph.node:
+            if n.op_type == "MatMul":
+                canon_users.setdefault(n.input[1], []).append(n.output[0])
+        canon_dq = {n.input[0]: n.output[0] for n in bf16.graph.node if n.op_type == "DequantizeLinear"}
+        fused = [n for n in cuda.graph.node if n.op_type == "MatMulBlockQuantizedFp8Weight"]
+        seen = set()
+        for n in fused:
+            t = producer[n.input[1]]
+            assert t.op_type == "Transpose" and [a.ints for a in t.attribute if a.name == "perm"][0] == [1, 0]
+            q = t.input[0]
+            w = next(x for x in comp["dequantize"]["weights"] if x["input"] == q)
+            block = next(a.i for a in n.attribute if a.name == "block_size")
+            assert block == w["weight"]["shape"][0]                      # one scale per output row
+            assert n.output[0] in canon_users[canon_dq[q]]               # the same MatMul as in bf16
+            for v in n.input[1:]:
+                assert not (_ancestors(cuda, v) & inputs), v            # constants only: folded at load
+            seen.add(q)
+        assert seen == {w["input"] for w in comp["dequantize"]["weights"]}, name
+        assert len(fused) == sum(len(canon_users[canon_dq[q]]) for q in seen)

@@ -4,7 +4,9 @@ Inputs and outputs are OrtValues on the provider's device: static inputs (text f
 uploaded once per request and the sampler state never leaves the GPU between steps.
 
 Two ways to hold the FP8 weights (docs/tuning.md):
-* default: FP8 in memory, each weight dequantized right before its MatMul on every run (least memory);
+* default: FP8 in memory, each weight dequantized right before its MatMul on every run (least memory); on
+  CUDA through onnxruntime's fused `MatMulBlockQuantizedFp8Weight` (onnxruntime-gpu >= 1.31), whose
+  transposed weight and row scales onnxruntime's constant folding computes once at session creation;
 * `dequantize_at_load`: the `*_dql` graphs take the bf16 weights as inputs; each weight is read from the
   weight file, dequantized once on its device by the `dequantize` graph (the twins' own ops, so the numbers
   are bit-identical) and stays bound to the component's IO binding (2x the FP8 weight memory, no per-run
@@ -20,6 +22,7 @@ from ..manifest import LOAD_DEQUANTIZED
 from .base import BackendUnavailable
 
 VARIANT = {"cpu": "cpu", "cuda": "cuda"}
+FP8_MATMUL = "MatMulBlockQuantizedFp8Weight"     # the contrib op of the cuda graphs (export/graphs/rewrite.py)
 PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -27,16 +30,17 @@ class OnnxRuntimeBackend:
     def __init__(self, manifest, device: str = "cpu", device_id: int = 0, threads: int | None = None,
                  components: tuple[str, ...] | None = None,
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
-                 uncond_device_id: int | None = None, shared_arena: bool = False):
+                 uncond_device_id: int | None = None, shared_arena: bool = True):
         """Constant folding is off: the FP8 weights stay FP8 in memory, and nothing else in the graphs is
         worth folding.
         arena_extend_strategy: CUDA arena growth, "kNextPowerOfTwo" (onnxruntime's default) or
         "kSameAsRequested" (less memory held).
         dequantize_at_load=True: bf16 weights computed once at load on their device (see the module doc).
         uncond_device_id (CUDA): run dit_uncond on this GPU, concurrently with dit_cond ("CFG-parallel").
-        shared_arena=True: the graphs on one device draw their activations from one arena registered with
-        onnxruntime's environment, instead of one arena each that keeps its own peak: the components run one
-        after the other, so the memory held is the largest peak rather than the sum of them."""
+        shared_arena=True (default): the graphs on one device draw their activations from one arena registered
+        with onnxruntime's environment, instead of one arena each that keeps its own peak: the components run
+        one after the other, so the memory held is the largest peak rather than the sum of them (H200, 1024²:
+        49.3 → 35.3 GiB). The arena is per process: the first backend's arena_extend_strategy stays."""
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -79,7 +83,8 @@ class OnnxRuntimeBackend:
         if self._threads:
             opts.intra_op_num_threads = self._threads
         opts.log_severity_level = 3
-        opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
+        if self.device != "cuda":       # the CPU twin's DequantizeLinear of every e4m3 weight would fold to fp32
+            opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
         if shared_arena:
             opts.add_session_config_entry("session.use_env_allocators", "1")
         return opts
@@ -93,7 +98,9 @@ class OnnxRuntimeBackend:
         try:
             sess = ort.InferenceSession(str(path), opts or self._opts, providers=providers)
         except Exception as e:  # noqa: BLE001 -- surface which graph failed and why
-            raise BackendUnavailable(f"{self.name} cannot load {path.name}: {str(e).splitlines()[0]}") from None
+            hint = (f"; the cuda graphs need onnxruntime-gpu >= 1.31 for {FP8_MATMUL} (or pass "
+                    "dequantize_at_load=True)") if FP8_MATMUL in str(e) else ""
+            raise BackendUnavailable(f"{self.name} cannot load {path.name}: {str(e).splitlines()[0]}{hint}") from None
         if self.device == "cuda" and sess.get_providers()[0] != PROVIDER[self.device]:
             raise BackendUnavailable(f"{path.name} did not get the CUDA provider")
         return sess
