@@ -1,8 +1,9 @@
 """GPU sanity check of the two ways to hold FP8 weights, on the tiny synthetic model (seconds, before a full
-benchmark): the default twin (e4m3 weights into MatMulBlockQuantizedFp8Weight) and `dequantize_at_load`
-(bf16 weights from the twins' DequantizeLinear → Cast) must give bit-identical latents on onnxruntime CUDA;
-after onnxruntime's optimizations (constant folding on, as in the backend) the default twin must keep no
-Transpose of a weight (folded at load) and no Memcpy node (a host/device copy per run).
+benchmark): after onnxruntime's optimizations (constant folding on, as in the backend) the default twin must
+keep no Transpose of a weight (folded at load), no Memcpy node (a host/device copy per run) and run its FP8
+linears as MatMulBlockQuantizedFp8Weight. It also reports how far its latents are from `dequantize_at_load`
+(bf16 weights from DequantizeLinear → Cast): not bit-identical since v4, because the op computes rows M ≤ 8
+(the conditioning linears, M = batch) with a GEMV kernel of another fp32 summation order (docs/tuning.md §10).
 
     python scripts/gpu_dequant_check.py [--root /tmp/ideogram4_dqcheck]
 """
@@ -44,15 +45,17 @@ def main() -> None:
     for name, opts in (("default", {}), ("dequantize_at_load", {"dequantize_at_load": True})):
         p = Pipeline(eng, backend="onnxruntime-cuda", **opts)
         res[name] = p.generate("a lighthouse at dusk", **kw)
-    same = bool(np.array_equal(res["default"].latents, res["dequantize_at_load"].latents))
+    a, b = res["default"].latents, res["dequantize_at_load"].latents
+    same = bool(np.array_equal(a, b))
     folded = weight_transposes == 0 and ops.get("MatMulBlockQuantizedFp8Weight", 0) > 0
     print(json.dumps({"memcpy_nodes": {k: v for k, v in ops.items() if "Memcpy" in k},
                       "fp8_matmuls": ops.get("MatMulBlockQuantizedFp8Weight", 0),
                       "weight_transposes_left": weight_transposes,
                       "latents_bit_identical": same,
+                      "latents_rel_err": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
                       "max_abs_diff": float(np.abs(res["default"].latents - res["dequantize_at_load"].latents).max()),
                       "step_ms": {k: 1e3 * float(np.median(r.timings["step_s"])) for k, r in res.items()}}))
-    sys.exit(0 if same and folded and not any('Memcpy' in k for k in ops) else 1)
+    sys.exit(0 if folded and not any('Memcpy' in k for k in ops) else 1)
 
 
 if __name__ == "__main__":
