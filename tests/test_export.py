@@ -192,7 +192,7 @@ def test_load_dequantization_table_points_at_the_fp8_bytes(exported):
                 loc = w[part]
                 assert loc["dtype"] == dtype and loc["shape"] == list(tensor.dims)
                 assert raw[loc["offset"]:loc["offset"] + loc["bytes"]] == tensor.raw_data
-            assert w["axis"] == 1 and q.shape == tuple(w["weight"]["shape"])
+            assert w["axis"] == 0 and q.shape == tuple(w["weight"]["shape"])
         for kind in ("cuda_dql", "cpu_dql"):
             model = onnx.load(str(out / comp["graphs"][kind]["file"]), load_external_data=False)
             assert not any(n.op_type == "DequantizeLinear" for n in model.graph.node)
@@ -229,10 +229,9 @@ def test_twins_dequantize_each_weight_after_its_input(exported):
 
 def test_cuda_twin_multiplies_the_e4m3_weights_directly(exported):
     """The CUDA twin has no DequantizeLinear left: every FP8 weight of the table reaches onnxruntime's
-    MatMulBlockQuantizedFp8Weight as (out, in) — a Transpose of the (in, out) initializer — with its bf16
-    scale as fp32 rows and one block per row (block_size = in), replacing exactly the MatMuls that multiplied
-    the dequantized weight in the canonical graph; the Transpose and the scale rows hang on initializers only,
-    so onnxruntime folds them at load."""
+    MatMulBlockQuantizedFp8Weight as the stored (out, in) initializer — no Transpose — with its bf16 scale as
+    fp32 rows and one block per row (block_size = in), replacing exactly the MatMuls that multiplied the
+    dequantized weight in the canonical graph; the scale rows hang on initializers only (folded at load)."""
     out, manifest, _ = exported
     for name in ("text_encoder", "dit_cond", "dit_uncond"):
         comp = manifest["components"][name]
@@ -240,25 +239,25 @@ def test_cuda_twin_multiplies_the_e4m3_weights_directly(exported):
         cuda = onnx.load(str(out / comp["graphs"]["cuda"]["file"]), load_external_data=False)
         assert not any(n.op_type == "DequantizeLinear" for n in cuda.graph.node)
         assert any(o.domain == "com.microsoft" and o.version == 1 for o in cuda.opset_import)
-        producer = {o: n for n in cuda.graph.node for o in n.output}
         inputs = {i.name for i in cuda.graph.input}
-        canon_users = {}
+        inits = {i.name: list(i.dims) for i in cuda.graph.initializer}
+        producer = {o: n for n in bf16.graph.node for o in n.output}
+        canon_users = {}                   # e4m3 initializer -> outputs of the canonical MatMuls it feeds
         for n in bf16.graph.node:
-            if n.op_type == "MatMul":
-                canon_users.setdefault(n.input[1], []).append(n.output[0])
-        canon_dq = {n.input[0]: n.output[0] for n in bf16.graph.node if n.op_type == "DequantizeLinear"}
+            if n.op_type == "MatMul" and n.input[1] in producer and producer[n.input[1]].op_type == "Transpose":
+                dq = producer.get(producer[n.input[1]].input[0])
+                if dq is not None and dq.op_type == "DequantizeLinear":
+                    canon_users.setdefault(dq.input[0], []).append(n.output[0])
         fused = [n for n in cuda.graph.node if n.op_type == "MatMulBlockQuantizedFp8Weight"]
         seen = set()
         for n in fused:
-            t = producer[n.input[1]]
-            assert t.op_type == "Transpose" and [a.ints for a in t.attribute if a.name == "perm"][0] == [1, 0]
-            q = t.input[0]
+            q = n.input[1]
             w = next(x for x in comp["dequantize"]["weights"] if x["input"] == q)
+            assert inits[q] == w["weight"]["shape"]                       # the stored (out, in) bytes
             block = next(a.i for a in n.attribute if a.name == "block_size")
-            assert block == w["weight"]["shape"][0]                      # one scale per output row
-            assert n.output[0] in canon_users[canon_dq[q]]               # the same MatMul as in bf16
-            for v in n.input[1:]:
-                assert not (_ancestors(cuda, v) & inputs), v            # constants only: folded at load
+            assert block == w["weight"]["shape"][1]                       # one scale per output row
+            assert n.output[0] in canon_users[q]                          # the same MatMul as in bf16
+            assert not (_ancestors(cuda, n.input[2]) & inputs)            # constants only: folded at load
             seen.add(q)
         assert seen == {w["input"] for w in comp["dequantize"]["weights"]}, name
-        assert len(fused) == sum(len(canon_users[canon_dq[q]]) for q in seen)
+        assert len(fused) == sum(len(canon_users[q]) for q in seen)

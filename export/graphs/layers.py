@@ -10,14 +10,16 @@ from .builder import BF16, F32, GraphBuilder
 
 
 def linear(g: GraphBuilder, x: str, prefix: str, src, *, bias: bool) -> str:
-    """y = x·W_effᵀ (+ b). An FP8 weight is stored transposed (in, out) as e4m3 with its per-output bf16 scale,
-    and DequantizeLinear(axis=1) gives W_eff = bf16(q·bf16(s)) — the official formula — right before MatMul.
-    Transposing at export keeps the bytes and spares a Transpose in the graph. A float weight is stored bf16."""
+    """y = x·W_effᵀ (+ b). An FP8 weight is stored as the checkpoint has it, (out, in) e4m3 with its per-output
+    bf16 scale; DequantizeLinear(axis=0) gives W_eff = bf16(q·bf16(s)) — the official formula — and a Transpose
+    makes it (in, out) for MatMul. TensorRT moves the DequantizeLinear past the Transpose into its FP8 GEMM;
+    the onnxruntime CUDA twin multiplies the (out, in) bytes directly (rewrite.fp8_matmuls). A float weight is
+    stored bf16, (in, out)."""
     w = src.get(f"{prefix}.weight")
     if w.dtype == FP8_DTYPE:
-        q = g.weight(f"{prefix}.weight", w.t().contiguous())
+        q = g.weight(f"{prefix}.weight", w.contiguous())
         s = g.weight(f"{prefix}.weight_scale", src.get(f"{prefix}.weight_scale").to(torch.bfloat16))
-        w_eff = g.op("DequantizeLinear", q, s, axis=1)
+        w_eff = g.op("Transpose", g.op("DequantizeLinear", q, s, axis=0), perm=[1, 0])
     else:
         w_eff = g.weight(f"{prefix}.weight", w.to(torch.bfloat16).t().contiguous())
     y = g.op("MatMul", x, w_eff)

@@ -119,13 +119,15 @@ def bf16_to_fp32_emulation(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def cuda_dequantized_at_load(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The CUDA twin with every FP8 weight a bf16 input (the `dequantize_at_load` graph): the CUDA twin's
-    emulation without its FP8 MatMuls, the DequantizeLinear → Cast cut out."""
-    return weights_as_inputs(emulate_bf16(model, CUDA_FP32_OPS))
+    """The `dequantize_at_load` graph for CUDA: every FP8 weight a bf16 (in, out) input (its DequantizeLinear →
+    Transpose cut out), then the CUDA twin's emulation."""
+    return emulate_bf16(weights_as_inputs(model), CUDA_FP32_OPS)
 
 
 def cpu_dequantized_at_load(model: onnx.ModelProto) -> onnx.ModelProto:
-    return weights_as_inputs(bf16_to_fp32_emulation(model))
+    """The same for the CPU provider: the bf16 inputs are widened like every other bf16 value, so the numbers are
+    the cpu twin's (a Transpose of bf16-representable fp32 values is exact)."""
+    return emulate_bf16(weights_as_inputs(model), None)
 
 
 def for_cuda(model: onnx.ModelProto, ops: frozenset[str] = CUDA_FP32_OPS) -> onnx.ModelProto:
@@ -140,16 +142,16 @@ FP8_MATMUL = "MatMulBlockQuantizedFp8Weight"    # com.microsoft, CUDA provider, 
 
 
 def fp8_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Every FP8 linear DequantizeLinear(q, s, axis=1) → Cast(bf16) → MatMul(x, ·) becomes onnxruntime's
-    `MatMulBlockQuantizedFp8Weight(x, qᵀ, s[:, None], block_size=in)`: the e4m3 weight is dequantized to
-    bf16(q·s) — the same fp32 product rounded once, as DequantizeLinear → Cast — in a scratch tile of at most
-    256 MiB right before a cuBLAS GEMM, so only the e4m3 bytes stay resident and each weight costs 3 bytes of
-    traffic per parameter instead of 11 (docs/tuning.md §10: bit-identical, 0.66 vs 0.92 ms at w1).
+    """Every FP8 linear DequantizeLinear(q, s, axis=0) → Cast(bf16) → Transpose → MatMul(x, ·) becomes
+    onnxruntime's `MatMulBlockQuantizedFp8Weight(x, q, s[:, None], block_size=in)` on the (out, in) e4m3 bytes as
+    stored: the weight is dequantized to bf16(q·s) — the same fp32 product rounded once, as DequantizeLinear →
+    Cast — in a scratch tile of at most 256 MiB right before a cuBLAS GEMM, so only the e4m3 bytes stay resident
+    and each weight costs 3 bytes of traffic per parameter instead of 11 (docs/tuning.md §10: bit-identical at
+    the model's GEMM shapes, 0.67 vs 0.92 ms at w1; rows M ≤ 8 take a GEMV kernel of another summation order).
 
-    The op wants the weight as (out, in), the checkpoint's layout; the graphs keep (in, out) for TensorRT and
-    the other twins, so qᵀ is a Transpose of the initializer and the per-row scale an Unsqueeze of its fp32
-    cast: constant subgraphs that onnxruntime folds once at session creation (the backend enables constant
-    folding on CUDA, where no DequantizeLinear of an initializer is left to fold)."""
+    The per-row scale becomes fp32 rows by Cast → Unsqueeze, a constant subgraph that onnxruntime folds at
+    session creation (the backend keeps constant folding on for CUDA: no DequantizeLinear of an initializer is
+    left there to fold)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     users = _consumers(out.graph.node)
@@ -163,19 +165,20 @@ def fp8_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
         if not matmuls or any(m.op_type != "MatMul" or m.input[1] != weight or m.input[0] == weight for m in matmuls):
             raise ValueError(f"FP8 weight {q!r} feeds {[m.op_type for m in matmuls]}; {FP8_MATMUL} replaces only "
                              "MatMul(x, W)")
-        if axis != 1 or len(dims[q]) != 2:
-            raise ValueError(f"FP8 weight {q!r} has shape {dims[q]} and scale axis {axis}; expected (in, out), axis 1")
-        k = dims[q][0]
-        rows, transposed = f"{q}__scale_rows", f"{q}__out_in"
+        perm = [list(a.ints) for a in producers[-1].attribute if a.name == "perm"]
+        if axis != 0 or len(dims[q]) != 2 or producers[-1].op_type != "Transpose" or perm != [[1, 0]]:
+            raise ValueError(f"FP8 weight {q!r} has shape {dims[q]}, scale axis {axis} and is used through "
+                             f"{[p.op_type for p in producers]}; expected (out, in), axis 0, then a Transpose")
+        rows = f"{q}__scale_rows"
         replace[id(dq)] = [
             helper.make_node("Cast", [scale], [f"{rows}_f32"], to=F32, name=f"{rows}_f32"),
-            helper.make_node("Unsqueeze", [f"{rows}_f32", "fp8mm_axis1"], [rows], name=rows),
-            helper.make_node("Transpose", [q], [transposed], perm=[1, 0], name=transposed)]
+            helper.make_node("Unsqueeze", [f"{rows}_f32", "fp8mm_axis1"], [rows], name=rows)]
         for p in producers[1:]:
             replace[id(p)] = []
         for m in matmuls:
-            replace[id(m)] = [helper.make_node(FP8_MATMUL, [m.input[0], transposed, rows], list(m.output),
-                                               name=m.name or m.output[0], domain="com.microsoft", block_size=k)]
+            replace[id(m)] = [helper.make_node(FP8_MATMUL, [m.input[0], q, rows], list(m.output),
+                                               name=m.name or m.output[0], domain="com.microsoft",
+                                               block_size=dims[q][1])]
     if not replace:
         return out
     nodes = [_copy(m) for n in out.graph.node for m in replace.get(id(n), [n])]
@@ -197,13 +200,18 @@ def _fp8_dequantizations(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def _rounded_weight(node: onnx.NodeProto, users: dict[str, list[onnx.NodeProto]]) -> tuple[str, list[onnx.NodeProto]]:
-    """(name of the bf16 weight a dequantization produces, the nodes that produce it from the e4m3 bytes):
-    DequantizeLinear itself in the canonical graph, DequantizeLinear → Cast(bf16) in the twins."""
+    """(name of the bf16 (in, out) weight a dequantization produces, the nodes that produce it from the e4m3
+    bytes): DequantizeLinear → Transpose in the canonical graph, DequantizeLinear → Cast(bf16) → Transpose in
+    the twins."""
+    chain = [node]
     nxt = users.get(node.output[0], [])
     if len(nxt) == 1 and nxt[0].op_type == "Cast" and \
             next(a.i for a in nxt[0].attribute if a.name == "to") == BF16:
-        return nxt[0].output[0], [node, nxt[0]]
-    return node.output[0], [node]
+        chain.append(nxt[0])
+        nxt = users.get(nxt[0].output[0], [])
+    if len(nxt) == 1 and nxt[0].op_type == "Transpose":
+        chain.append(nxt[0])
+    return chain[-1].output[0], chain
 
 
 def dequantize_when_needed(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -304,10 +312,10 @@ def fp8_weights(model: onnx.ModelProto) -> list[tuple[str, str, int]]:
 
 
 def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same graph with every FP8 weight's dequantization cut out: the bf16 weight becomes a graph input
-    named after the e4m3 initializer (appended after the regular inputs, in graph order), to be computed once
-    at load by the `dequantize` graph with the same ops and bound for every run. Nothing else changes, so
-    the results are bit-identical to the twin it is made from."""
+    """The same graph with every FP8 weight's dequantization (DequantizeLinear [→ Cast] → Transpose) cut out:
+    the bf16 (in, out) weight becomes a graph input named after the e4m3 initializer (appended after the regular
+    inputs, in graph order), to be computed once at load by the `dequantize` graph with the same ops and bound
+    for every run. Nothing else changes, so the results are bit-identical to the graph it is made from."""
     users = _consumers(model.graph.node)
     dims = {i.name: list(i.dims) for i in model.graph.initializer}
     rename: dict[str, str] = {}
@@ -317,7 +325,8 @@ def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
         weight, producers = _rounded_weight(dq, users)
         rename[weight] = dq.input[0]
         drop.update(id(n) for n in producers)
-        inputs.append(helper.make_tensor_value_info(dq.input[0], BF16, dims[dq.input[0]]))
+        shape = dims[dq.input[0]][::-1] if producers[-1].op_type == "Transpose" else dims[dq.input[0]]
+        inputs.append(helper.make_tensor_value_info(dq.input[0], BF16, shape))
     out = onnx.ModelProto()
     out.CopyFrom(model)
     nodes = []

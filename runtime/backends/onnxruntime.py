@@ -5,8 +5,8 @@ uploaded once per request and the sampler state never leaves the GPU between ste
 
 Two ways to hold the FP8 weights (docs/tuning.md):
 * default: FP8 in memory, each weight dequantized right before its MatMul on every run (least memory); on
-  CUDA through onnxruntime's fused `MatMulBlockQuantizedFp8Weight` (onnxruntime-gpu >= 1.31), whose
-  transposed weight and row scales onnxruntime's constant folding computes once at session creation;
+  CUDA through onnxruntime's fused `MatMulBlockQuantizedFp8Weight` (onnxruntime-gpu >= 1.31) on the (out, in)
+  e4m3 bytes as stored, whose fp32 row scales onnxruntime's constant folding computes at session creation;
 * `dequantize_at_load`: the `*_dql` graphs take the bf16 weights as inputs; each weight is read from the
   weight file, dequantized once on its device by the `dequantize` graph (the twins' own ops, so the numbers
   are bit-identical) and stays bound to the component's IO binding (2x the FP8 weight memory, no per-run
@@ -124,9 +124,9 @@ class OnnxRuntimeBackend:
                                      f"{component} {self.graph_variant} graph; re-run `make export`")
         for w in dq["weights"]:
             kinds = (w["weight"]["dtype"], w["scale"]["dtype"], w["axis"])
-            if kinds != ("float8e4m3fn", "bfloat16", 1):
+            if kinds != ("float8e4m3fn", "bfloat16", 0):
                 raise BackendUnavailable(f"{component}: weight {w['input']} is (dtype, scale dtype, axis) = {kinds}; "
-                                         f"{graph.name} takes ('float8e4m3fn', 'bfloat16', 1)")
+                                         f"{graph.name} takes ('float8e4m3fn', 'bfloat16', 0); re-run `make export`")
         sess = self._session(graph, dev, arena="kSameAsRequested", opts=self._options(shared_arena=False))
         self._keep.append(sess)                 # its allocator owns the weights' memory
         shrink = ort.RunOptions()
