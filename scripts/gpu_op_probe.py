@@ -44,7 +44,8 @@ def session(m, **opts):
         so.add_session_config_entry(k, v)
     if "order" in opts:
         so.execution_order = getattr(ort.ExecutionOrder, opts["order"])
-    return ort.InferenceSession(m.SerializeToString(), so, providers=[("CUDAExecutionProvider", {"device_id": 0})])
+    cuda = {"device_id": 0, **opts.get("provider", {})}
+    return ort.InferenceSession(m.SerializeToString(), so, providers=[("CUDAExecutionProvider", cuda)])
 
 
 def timed(sess, feeds: dict[str, torch.Tensor], n=20):
@@ -77,15 +78,16 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
 ONLY: str | None = None         # --only: run just the cases whose name contains this text
 
 
-def case(name, variants, feeds, results, **session_opts):
-    """variants: {label: model}; the first is the baseline the others are compared with."""
+def case(name, variants, feeds, results, per_variant=None, **session_opts):
+    """variants: {label: model}; the first is the baseline the others are compared with. per_variant: {label:
+    extra session options} for variants that differ only in how the session is made."""
     if ONLY and ONLY not in name:
         return
     base = None
     for label, m in variants.items():
         row = {"case": name, "variant": label}
         try:
-            s = session(m, **session_opts)
+            s = session(m, **{**session_opts, **(per_variant or {}).get(label, {})})
             row["providers"] = s.get_providers()[0]
             torch.cuda.synchronize()
             ms, out = timed(s, feeds)
@@ -238,6 +240,31 @@ def fp8mm_models(n_out, n_in):
             "fp8mm W8A8 dynamic a_scale, block=128": m(dynamic + [op("q_t", "s_blk", 128, "sx")])}
 
 
+def attention_models():
+    """Self-attention at the DiT's shape (1 × 4170 tokens × 18 heads × 256, bf16, scale 1/16). Baseline: the
+    graphs' form, opset-23 Attention on BNSH with an fp32 softmax between Transposes. Candidate: contrib
+    MultiHeadAttention on the (1, L, 18·256) projections as they come (no Transposes), with onnxruntime's
+    default kernel choice and with cuDNN's fused SDPA (head_dim ≤ 256), which the CUDA provider enables by its
+    `sdpa_kernel` bitmask (8 = cuDNN flash attention, 16 = unfused fallback)."""
+    flat = [1, L, H * HD]
+    q, k, v, y = (vi(n, BF16, flat) for n in ("q", "k", "v", "y"))
+    split = init("bnsh", torch.tensor([1, L, H, HD]), TP.INT64)
+    back = init("flat", torch.tensor(flat), TP.INT64)
+    onnx23 = [n for name in ("q", "k", "v") for n in (
+                  helper.make_node("Reshape", [name, "bnsh"], [f"{name}4"]),
+                  helper.make_node("Transpose", [f"{name}4"], [f"{name}t"], perm=[0, 2, 1, 3]))]
+    onnx23 += [helper.make_node("Attention", ["qt", "kt", "vt"], ["o"], scale=1 / 16, softmax_precision=F32),
+               helper.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
+               helper.make_node("Reshape", ["ot", "flat"], ["y"])]
+    mha = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain="com.microsoft", num_heads=H,
+                           scale=1 / 16)
+    m_mha = model([mha], [q, k, v], [y])
+    m_mha.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return {"Attention opset 23 (BNSH)": model(onnx23, [q, k, v], [y], [split, back]),
+            "MultiHeadAttention, default kernels": m_mha,
+            "MultiHeadAttention, cuDNN SDPA (sdpa_kernel=24)": m_mha}
+
+
 def silu_models():
     shape = [1, L, F]
     x, y = vi("x", BF16, shape), vi("y", BF16, shape)
@@ -318,6 +345,8 @@ def main() -> None:
     dev = lambda *s: torch.randn(*s, device="cuda").to(torch.bfloat16)  # noqa: E731
     global ONLY
     ONLY = args.only
+    case("attention (1, 4170, 18x256)", attention_models(), {n: dev(1, L, H * HD) for n in "qkv"}, results,
+         per_variant={"MultiHeadAttention, cuDNN SDPA (sdpa_kernel=24)": {"provider": {"sdpa_kernel": "24"}}})
     case("fp8mm w1 (12288x4608)", fp8mm_models(F, D), {"x": dev(1, L, D)}, results)
     case("fp8mm w2 (4608x12288)", fp8mm_models(D, F), {"x": dev(1, L, F)}, results)
     case("w8a8 linear w1 (12288x4608)", w8a8_models(F, D), {"x": dev(1, L, D)}, results)
