@@ -6,7 +6,10 @@ run in fp32 on widened inputs and its output rounded through Cast(bf16): same nu
 * `cpu` — onnxruntime's CPU provider has almost no bf16 kernels: every op is emulated, every bf16 value
   becomes an fp32 value holding a bf16-representable number (Cast(bf16) → Cast(fp32) after each op).
 * `cuda` — onnxruntime's CUDA provider runs most of the graph in bf16; only the ops listed in
-  `CUDA_FP32_OPS` (found on the GPU machine: no bf16 kernel registered) are wrapped.
+  `CUDA_FP32_OPS` (found on the GPU machine: no bf16 kernel registered) are wrapped, and every FP8 linear
+  becomes onnxruntime's `MatMulBlockQuantizedFp8Weight` on the stored e4m3 bytes (`fp8_matmuls`).
+* `*_dql` — the graphs for `dequantize_at_load`: each FP8 weight's dequantization cut out and the bf16 weight
+  made a graph input (`weights_as_inputs`), then emulated like the twin of the same provider.
 
 The rewritten graphs keep the bf16 initializers and read the same weight file as the canonical graph.
 """
