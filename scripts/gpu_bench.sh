@@ -7,6 +7,8 @@
 #   runtime-<variant>: the runtime with backend options (see the case list; docs/tuning.md says why each)
 #   probe   : scripts/gpu_op_probe.py (fused-op support, speed and bit-identity at the model's shapes); PROBE_ONLY=<text> runs only matching cases
 #   memory  : scripts/runtime_memory.py (memory after load and after a generation, per weight mode and arena)
+#   check   : scripts/gpu_dequant_check.py on the tiny model (seconds): the cuda twin's FP8 MatMuls, no Memcpy,
+#             no weight Transpose left after onnxruntime's optimizations; latents vs dequantize_at_load
 # Every stage copies results.jsonl and report.md to $OUT.
 set -uo pipefail
 ROOT=${ROOT:-/tmp/ideogram4_bench}
