@@ -245,7 +245,8 @@ def attention_models():
     graphs' form, opset-23 Attention on BNSH with an fp32 softmax between Transposes. Candidate: contrib
     MultiHeadAttention on the (1, L, 18·256) projections as they come (no Transposes), with onnxruntime's
     default kernel choice and with cuDNN's fused SDPA (head_dim ≤ 256), which the CUDA provider enables by its
-    `sdpa_kernel` bitmask (8 = cuDNN flash attention, 16 = unfused fallback)."""
+    `sdpa_kernel` bitmask (8 = cuDNN flash attention, 16 = unfused fallback); both ops also with flash and
+    memory-efficient attention forced, to learn which kernel the default picks at head_dim 256."""
     flat = [1, L, H * HD]
     q, k, v, y = (vi(n, BF16, flat) for n in ("q", "k", "v", "y"))
     split = init("bnsh", torch.tensor([1, L, H, HD]), TP.INT64)
@@ -260,9 +261,18 @@ def attention_models():
                            scale=1 / 16)
     m_mha = model([mha], [q, k, v], [y])
     m_mha.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return {"Attention opset 23 (BNSH)": model(onnx23, [q, k, v], [y], [split, back]),
-            "MultiHeadAttention, default kernels": m_mha,
-            "MultiHeadAttention, cuDNN SDPA (sdpa_kernel=24)": m_mha}
+    m23 = model(onnx23, [q, k, v], [y], [split, back])
+    out = {"Attention opset 23 (BNSH)": m23}
+    for kernel in ATTENTION_KERNELS:          # same graphs, the CUDA provider's sdpa_kernel bitmask set
+        out[f"Attention opset 23, sdpa_kernel={kernel}"] = m23
+    out["MultiHeadAttention, default kernels"] = m_mha
+    for kernel in ATTENTION_KERNELS:
+        out[f"MultiHeadAttention, sdpa_kernel={kernel}"] = m_mha
+    return out
+
+
+# sdpa_kernel bits (onnxruntime attention_common.h): 1 flash, 2 memory-efficient, 8 cuDNN flash, 16 unfused
+ATTENTION_KERNELS = {"1": "flash", "2": "memory-efficient", "24": "cuDNN SDPA, unfused fallback"}
 
 
 def silu_models():
@@ -346,7 +356,8 @@ def main() -> None:
     global ONLY
     ONLY = args.only
     case("attention (1, 4170, 18x256)", attention_models(), {n: dev(1, L, H * HD) for n in "qkv"}, results,
-         per_variant={"MultiHeadAttention, cuDNN SDPA (sdpa_kernel=24)": {"provider": {"sdpa_kernel": "24"}}})
+         per_variant={f"{op}, sdpa_kernel={k}": {"provider": {"sdpa_kernel": k}}
+                      for op in ("Attention opset 23", "MultiHeadAttention") for k in ATTENTION_KERNELS})
     case("fp8mm w1 (12288x4608)", fp8mm_models(F, D), {"x": dev(1, L, D)}, results)
     case("fp8mm w2 (4608x12288)", fp8mm_models(D, F), {"x": dev(1, L, F)}, results)
     case("w8a8 linear w1 (12288x4608)", w8a8_models(F, D), {"x": dev(1, L, D)}, results)
