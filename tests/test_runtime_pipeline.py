@@ -171,6 +171,14 @@ def test_cfg_parallel_needs_the_cuda_provider(engines):
         Pipeline(engines, backend="onnxruntime-cpu", uncond_device_id=1)
 
 
+@pytest.mark.parametrize("value", [8, -1, 1024, "8"])
+def test_sdpa_kernel_is_refused_off_cuda_or_out_of_range(engines, value):
+    """The attention-kernel bitmask is a CUDA provider option: refused on the CPU and outside 0..1023, naming
+    the value and the range, before any graph is loaded."""
+    with pytest.raises(ValueError, match=rf"sdpa_kernel={value!r}: an int bitmask in 0\.\.1023"):
+        Pipeline(engines, backend="onnxruntime-cpu", sdpa_kernel=value)
+
+
 def test_non_finite_sampler_state_is_an_error(engines):
     """A backend whose kernels produce NaN (seen on the GPU with a broken Cast) fails loudly, never returns
     an image. The fault is injected into the real backend's dit_cond output."""

@@ -30,7 +30,7 @@ class OnnxRuntimeBackend:
     def __init__(self, manifest, device: str = "cpu", device_id: int = 0, threads: int | None = None,
                  components: tuple[str, ...] | None = None,
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
-                 uncond_device_id: int | None = None, shared_arena: bool = True):
+                 uncond_device_id: int | None = None, shared_arena: bool = True, sdpa_kernel: int | None = None):
         """Constant folding is on for CUDA (it computes the FP8 MatMuls' fp32 row scales once; no DequantizeLinear
         of an initializer is left in those graphs) and off for the CPU, whose twin dequantizes every e4m3 weight
         per run and would otherwise hold them all as fp32.
@@ -41,7 +41,9 @@ class OnnxRuntimeBackend:
         shared_arena=True (default): the graphs on one device draw their activations from one arena registered
         with onnxruntime's environment, instead of one arena each that keeps its own peak: the components run
         one after the other, so the memory held is the largest peak rather than the sum of them (H200, 1024²:
-        49.3 → 35.3 GiB). The arena is per process: the first backend's arena_extend_strategy stays."""
+        49.3 → 35.3 GiB). The arena is per process: the first backend's arena_extend_strategy stays.
+        sdpa_kernel (CUDA): the CUDA provider's attention-kernel bitmask (1 flash, 2 memory-efficient, 8 cuDNN
+        flash, 16 unfused; onnxruntime's own choice when None), for measuring docs/tuning.md §12."""
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -51,12 +53,16 @@ class OnnxRuntimeBackend:
                                      f"(available: {', '.join(ort.get_available_providers())})")
         if uncond_device_id is not None and device != "cuda":
             raise ValueError("uncond_device_id needs the CUDA provider (onnxruntime-cuda)")
+        if sdpa_kernel is not None and (device != "cuda" or not isinstance(sdpa_kernel, int)
+                                        or not 0 <= sdpa_kernel < 1024):
+            raise ValueError(f"sdpa_kernel={sdpa_kernel!r}: an int bitmask in 0..1023 for the CUDA provider "
+                             "(onnxruntime-cuda)")
         self.ort = ort
         self.name = f"onnxruntime-{device}"
         self.graph_variant = VARIANT[device] + (LOAD_DEQUANTIZED if dequantize_at_load else "")
         self.device, self.device_id = device, device_id
         self.manifest = manifest
-        self._threads, self._arena = threads, arena_extend_strategy
+        self._threads, self._arena, self._sdpa_kernel = threads, arena_extend_strategy, sdpa_kernel
         names = components or tuple(manifest.components)
         self.devices = {c: uncond_device_id if c == "dit_uncond" and uncond_device_id is not None else device_id
                         for c in names}
@@ -95,6 +101,8 @@ class OnnxRuntimeBackend:
         cuda_opts = {"device_id": device_id}
         if arena or self._arena:
             cuda_opts["arena_extend_strategy"] = arena or self._arena
+        if self._sdpa_kernel is not None:
+            cuda_opts["sdpa_kernel"] = str(self._sdpa_kernel)
         providers = [(PROVIDER[self.device], cuda_opts)] if self.device == "cuda" else [PROVIDER[self.device]]
         try:
             sess = ort.InferenceSession(str(path), opts or self._opts, providers=providers)
