@@ -152,7 +152,8 @@ def fp8_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
     and each weight costs 3 bytes of traffic per parameter instead of 11 (docs/tuning.md §10: bit-identical at
     the model's GEMM shapes, 0.67 vs 0.92 ms at w1; rows M ≤ 8 take a GEMV kernel of another summation order).
 
-    The per-row scale becomes fp32 rows by Cast → Unsqueeze, a constant subgraph that onnxruntime folds at
+    Applied after the emulation, which has already widened the DequantizeLinear's bf16 scale to fp32: the
+    per-row scale becomes the op's fp32 rows by one Unsqueeze, a constant subgraph that onnxruntime folds at
     session creation (the backend keeps constant folding on for CUDA: no DequantizeLinear of an initializer is
     left there to fold)."""
     out = onnx.ModelProto()
@@ -164,7 +165,7 @@ def fp8_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
         q, scale = dq.input[0], dq.input[1]
         weight, producers = _rounded_weight(dq, users)
         matmuls = users.get(weight, [])
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        axis = _axis(dq)
         if not matmuls or any(m.op_type != "MatMul" or m.input[1] != weight or m.input[0] == weight for m in matmuls):
             raise ValueError(f"FP8 weight {q!r} feeds {[m.op_type for m in matmuls]}; {FP8_MATMUL} replaces only "
                              "MatMul(x, W)")
@@ -173,9 +174,7 @@ def fp8_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
             raise ValueError(f"FP8 weight {q!r} has shape {dims[q]}, scale axis {axis} and is used through "
                              f"{[p.op_type for p in producers]}; expected (out, in), axis 0, then a Transpose")
         rows = f"{q}__scale_rows"
-        replace[id(dq)] = [
-            helper.make_node("Cast", [scale], [f"{rows}_f32"], to=F32, name=f"{rows}_f32"),
-            helper.make_node("Unsqueeze", [f"{rows}_f32", "fp8mm_axis1"], [rows], name=rows)]
+        replace[id(dq)] = [helper.make_node("Unsqueeze", [scale, "fp8mm_axis1"], [rows], name=rows)]
         for p in producers[1:]:
             replace[id(p)] = []
         for m in matmuls:
@@ -202,6 +201,10 @@ def _fp8_dequantizations(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in fp8]
 
 
+def _axis(dq: onnx.NodeProto) -> int:
+    return next((a.i for a in dq.attribute if a.name == "axis"), 1)      # ONNX's default axis is 1
+
+
 def _rounded_weight(node: onnx.NodeProto, users: dict[str, list[onnx.NodeProto]]) -> tuple[str, list[onnx.NodeProto]]:
     """(name of the bf16 (in, out) weight a dequantization produces, the nodes that produce it from the e4m3
     bytes): DequantizeLinear → Transpose in the canonical graph, DequantizeLinear → Cast(bf16) → Transpose in
@@ -225,7 +228,8 @@ def dequantize_when_needed(model: onnx.ModelProto) -> onnx.ModelProto:
     full model on the H200, 49 GiB with this rewrite (docs/tuning.md §7). Here the per-row scale passes through
     Reshape(scale, shape + 0·Shape(x)[:1]): a host-side int64 computation that changes no value but ties the
     dequantization to x, so each weight is expanded right before its MatMul and its buffers are reused by the
-    next one. For the onnxruntime twins only: TensorRT needs constant DequantizeLinear inputs to fold."""
+    next one. For the CPU twin only: TensorRT needs constant DequantizeLinear inputs to fold, and the CUDA
+    twin has no DequantizeLinear left (`fp8_matmuls`)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     dqs = _fp8_dequantizations(out)
@@ -310,8 +314,7 @@ def _prune(model: onnx.ModelProto) -> None:
 
 def fp8_weights(model: onnx.ModelProto) -> list[tuple[str, str, int]]:
     """(e4m3 initializer, its scale initializer, axis) of every FP8 weight, in graph order."""
-    return [(dq.input[0], dq.input[1], next((a.i for a in dq.attribute if a.name == "axis"), 1))
-            for dq in _fp8_dequantizations(model)]
+    return [(dq.input[0], dq.input[1], _axis(dq)) for dq in _fp8_dequantizations(model)]
 
 
 def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -16,7 +16,7 @@ class BackendUnavailable(RuntimeError):
 
 class Backend(Protocol):
     name: str            # e.g. "onnxruntime-cpu"
-    graph_variant: str   # which manifest graph file it runs: "bf16", "cuda" or "cpu"
+    graph_variant: str   # which manifest graph file it runs: "bf16", "cuda", "cpu", "cuda_dql" or "cpu_dql"
 
     def upload(self, array: np.ndarray, *, component: str | None = None) -> Any: ...   # to that graph's device
 
