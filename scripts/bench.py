@@ -118,6 +118,7 @@ def cmd_runtime(a) -> None:
     for w, h, preset in parse_cases(a.cases):
         noise = noise_for(w, h)
         pipe.generate(PROMPT, width=w, height=h, steps=1, guidance=7.0, noise=noise)      # warm this shape
+        warm_mem = _nvidia_smi_used()       # against the figure after the full run: does the arena keep growing?
         if first:
             cold = time.perf_counter() - t0
             first = False
@@ -133,7 +134,8 @@ def cmd_runtime(a) -> None:
                "text_encoder_s": res.timings["text_encoder_s"], "vae_s": res.timings["vae_s"],
                "load_s": pipe.load_seconds, "cold_start_s": cold,
                "flops_cond": dit_flops(cfg, T + N, T), "flops_uncond": dit_flops(cfg, N, 0),
-               "gpu_mem_used_mib": (mem or [None])[0], "gpu_mem_used_mib_all": mem}
+               "gpu_mem_used_mib": (mem or [None])[0], "gpu_mem_used_mib_all": mem,
+               "gpu_mem_after_warmup_mib_all": warm_mem}
         np.save(root / f"latents_{rec['kind'].replace(' ', '_')}_{w}x{h}_{preset}.npy", res.latents)
         record(root, rec)
 

@@ -261,3 +261,27 @@ def test_cuda_twin_multiplies_the_e4m3_weights_directly(exported):
             seen.add(q)
         assert seen == {w["input"] for w in comp["dequantize"]["weights"]}, name
         assert len(fused) == sum(len(canon_users[q]) for q in seen)
+
+
+def test_cuda_twins_attend_through_multihead_attention(exported):
+    """In the DiTs' CUDA twins (FP8 resident and dequantize_at_load) every opset-23 Attention of the canonical
+    graph is one contrib MultiHeadAttention with the same heads and scale, and no Transpose is left; the text
+    encoder's causal, grouped-head Attention stays the opset-23 op."""
+    out, manifest, _ = exported
+    heads = manifest["model"]["dit"]["num_heads"]
+    for name in ("text_encoder", "dit_cond", "dit_uncond"):
+        comp = manifest["components"][name]
+        bf16 = onnx.load(str(out / comp["graphs"]["bf16"]["file"]), load_external_data=False)
+        scales = [onnx.helper.get_attribute_value(a) for n in bf16.graph.node if n.op_type == "Attention"
+                  for a in n.attribute if a.name == "scale"]
+        assert scales
+        for kind in ("cuda", "cuda_dql"):
+            twin = onnx.load(str(out / comp["graphs"][kind]["file"]), load_external_data=False)
+            ops = [n.op_type for n in twin.graph.node]
+            mha = [n for n in twin.graph.node if n.op_type == "MultiHeadAttention"]
+            if name == "text_encoder":
+                assert not mha and ops.count("Attention") == len(scales), kind
+                continue
+            assert "Attention" not in ops and "Transpose" not in ops, (name, kind)
+            assert [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in mha] == \
+                [{"num_heads": heads, "scale": pytest.approx(s)} for s in scales], (name, kind)

@@ -126,3 +126,55 @@ def test_graph_dequantization_is_the_official_formula_bit_for_bit(tmp_path):
     y, = ort.InferenceSession(str(tmp_path / "lin.cpu.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"x": np.eye(32, dtype=np.float32)})
     np.testing.assert_array_equal(y, dequantize(q, s).to(torch.float32).t().numpy())
+
+
+def _dit_attention_graph(batch: int, tokens: int, heads: int, head_dim: int) -> onnx.ModelProto:
+    """The DiT block's attention as the exporter writes it (q, k, v of (B, L, H, hd) → Transposes → opset-23
+    Attention → Transpose → Reshape to (B, L, H·hd)), in fp32 so that onnxruntime's CPU kernels run both forms."""
+    from onnx import TensorProto as TP, helper
+    from ideogram4_engine.export.graphs.builder import IR_VERSION, OPSET
+    f32 = TP.FLOAT
+    nodes = [helper.make_node("Transpose", [n], [f"{n}t"], perm=[0, 2, 1, 3]) for n in "qkv"]
+    nodes += [helper.make_node("Attention", ["qt", "kt", "vt"], ["o"], scale=head_dim ** -0.5, softmax_precision=f32),
+              helper.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ot", "flat"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "attention", [helper.make_tensor_value_info(n, f32, [batch, tokens, heads, head_dim]) for n in "qkv"],
+        [helper.make_tensor_value_info("y", f32, [batch, tokens, heads * head_dim])],
+        [onnx.numpy_helper.from_array(np.array([0, 0, heads * head_dim], np.int64), "flat")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    m.ir_version = IR_VERSION
+    return m
+
+
+def test_multihead_attention_rewrite_computes_the_attention_it_replaces():
+    """fused_attention (the onnxruntime-CUDA twins' attention) against the opset-23 Attention it replaces, both on
+    onnxruntime's CPU kernels in fp32 with fresh random inputs: equal to fp32 rounding (another summation order),
+    and the graph keeps no Transpose."""
+    from ideogram4_engine.export.graphs.rewrite import fused_attention
+    rng = np.random.default_rng()
+    B, L, H, hd = 2, 37, 3, 16
+    before = _dit_attention_graph(B, L, H, hd)
+    after = fused_attention(before)
+    assert [n.op_type for n in after.graph.node if n.op_type != "Reshape"] == ["MultiHeadAttention"]
+    mha = next(n for n in after.graph.node if n.op_type == "MultiHeadAttention")
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in mha.attribute} == \
+        {"num_heads": H, "scale": pytest.approx(hd ** -0.5)}
+    feeds = {n: (3 * rng.standard_normal((B, L, H, hd))).astype(np.float32) for n in "qkv"}
+    ref, got = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+                for m in (before, after))
+    assert got.shape == ref.shape == (B, L, H * hd)
+    assert rel_err(got, ref) < 1e-5, rel_err(got, ref)
+
+
+def test_multihead_attention_rewrite_leaves_other_attention_alone():
+    """A causal Attention (the text encoder's) or one whose output is not flattened back is not rewritten."""
+    from ideogram4_engine.export.graphs.rewrite import fused_attention
+    causal = _dit_attention_graph(1, 8, 2, 16)
+    next(n for n in causal.graph.node if n.op_type == "Attention").attribute.append(
+        onnx.helper.make_attribute("is_causal", 1))
+    assert fused_attention(causal) is causal
+    kept_heads = _dit_attention_graph(1, 8, 2, 16)
+    del kept_heads.graph.node[-2:]                        # output stays (B, H, L, hd)
+    kept_heads.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, [1, 2, 8, 16]))
+    assert fused_attention(kept_heads) is kept_heads
