@@ -146,12 +146,28 @@ def cmd_profile(a) -> None:
     from ideogram4_engine.runtime.pipeline import Pipeline
     pipe = Pipeline(Path(a.root) / "engines", backend=a.backend, components=("text_encoder",))
     _profile_dit(pipe, Path(a.root), a.size)
+    if pipe.backend.device == "cuda":
+        del pipe
+        pipe = Pipeline(Path(a.root) / "engines", backend=a.backend, components=("text_encoder", "dit_cond"))
+        _profile_kernels(pipe, Path(a.root), a.size)
+
+
+def _dit_feeds(pipe, w: int, h: int) -> dict:
+    from ideogram4_engine.runtime.rope import dit_rope_tables
+    m = pipe.manifest
+    ids = pipe.tokenizer.encode(PROMPT)
+    T, gh, gw = len(ids), h // 16, w // 16
+    feats = pipe.backend.download(pipe.backend.run("text_encoder", {"input_ids": np.array([ids], np.int64)})["text_features"])
+    cos, sin = dit_rope_tables(T, gh, gw, m.inv_freq, m.mrope_section)
+    return {"latents": noise_for(w, h), "tau": np.array([0.5], np.float32), "rope_cos": cos[None],
+            "rope_sin": sin[None], "text_features": feats}
 
 
 def _profile_dit(pipe, root: Path, size: str) -> None:
-    """One dit_cond forward under onnxruntime's profiler: time per op type."""
+    """One dit_cond forward under onnxruntime's profiler: time per op type. On the CUDA provider these are the
+    host-side times of each node (launches, plus any wait for the GPU inside a node), not kernel times: see
+    _profile_kernels."""
     import onnxruntime as ort
-    from ideogram4_engine.runtime.rope import dit_rope_tables
     w, h = (int(x) for x in size.split("x"))
     m = pipe.manifest
     comp = "dit_cond"
@@ -161,12 +177,7 @@ def _profile_dit(pipe, root: Path, size: str) -> None:
     dev = pipe.backend.device
     providers = [("CUDAExecutionProvider", {"device_id": 0})] if dev == "cuda" else ["CPUExecutionProvider"]
     sess = ort.InferenceSession(str(m.graph_path(comp, pipe.backend.graph_variant)), opts, providers=providers)
-    ids = pipe.tokenizer.encode(PROMPT)
-    T, gh, gw = len(ids), h // 16, w // 16
-    feats = pipe.backend.download(pipe.backend.run("text_encoder", {"input_ids": np.array([ids], np.int64)})["text_features"])
-    cos, sin = dit_rope_tables(T, gh, gw, m.inv_freq, m.mrope_section)
-    feeds = {"latents": noise_for(w, h), "tau": np.array([0.5], np.float32), "rope_cos": cos[None],
-             "rope_sin": sin[None], "text_features": feats}
+    feeds = _dit_feeds(pipe, w, h)
     sess.run(None, feeds)
     sess.run(None, feeds)
     path = sess.end_profiling()
@@ -180,6 +191,51 @@ def _profile_dit(pipe, root: Path, size: str) -> None:
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:15]
     record(root, {"kind": "profile", "component": comp, "width": w, "height": h, "total_kernel_ms": total,
                   "by_op_ms": dict(top)})
+
+
+KERNEL_CLASSES = (        # (class, substrings of the kernel name), first match wins; lower-case
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("fp8 dequantize", ("fp8", "dequant", "e4m3", "blockquant")),
+    ("gemm", ("gemm", "sm90_xmma", "cutlass", "cublas", "matmul", "gemv")),
+    ("norm", ("layernorm", "rmsnorm", "simplified", "reduce")),
+    ("copy/split/gather", ("split", "transpose", "concat", "gather", "copy", "slice", "memcpy")),
+    ("elementwise", ("elementwise", "unary", "binary", "cast", "quickgelu", "sigmoid", "tanh", "_kernel")),
+)
+
+
+def _profile_kernels(pipe, root: Path, size: str, runs: int = 3) -> None:
+    """GPU time per kernel of one dit_cond forward on onnxruntime-CUDA, from torch's profiler: CUPTI records
+    every kernel of the process, onnxruntime's included. Grouped by KERNEL_CLASSES (name patterns), with the
+    GPU-busy time against the wall time per forward (the gap is launch overhead and host waits)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    w, h = (int(x) for x in size.split("x"))
+    feeds = {k: pipe.backend.upload(v) for k, v in _dit_feeds(pipe, w, h).items()}
+    for _ in range(2):
+        pipe.backend.run("dit_cond", feeds)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(runs):
+            pipe.backend.run("dit_cond", feeds)
+        wall = (time.perf_counter() - t) / runs
+    torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name, [0.0, 0])
+            k[0] += e.device_time_total / 1e3 / runs          # ms per forward
+            k[1] += 1 / runs
+    by_class: dict[str, float] = {}
+    for name, (ms, _) in kernels.items():
+        low = name.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(x in low for x in keys)), "other")
+        by_class[cls] = by_class.get(cls, 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+    record(root, {"kind": "kernels", "component": "dit_cond", "width": w, "height": h, "wall_ms": 1e3 * wall,
+                  "gpu_busy_ms": sum(v[0] for v in kernels.values()),
+                  "kernels_per_forward": sum(v[1] for v in kernels.values()),
+                  "by_class_ms": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
+                  "top_kernels": [{"name": n[:160], "ms": round(v[0], 3), "calls": round(v[1], 1)} for n, v in top]})
 
 
 def _nvidia_smi_used():
@@ -297,6 +353,11 @@ def cmd_report(a) -> None:
         extra.append(f"\nMeasured bf16 GEMM rate on this card (torch, 8192³): {bf16:.0f} TFLOP/s; "
                      "bf16 floor per step = step FLOPs / that rate.")
     for r in recs:
+        if r["kind"] == "kernels":
+            extra.append(f"\nGPU kernels (CUPTI), one {r['component']} forward at {r['width']}×{r['height']}: "
+                         f"{r['gpu_busy_ms']:.1f} ms busy of {r['wall_ms']:.1f} ms wall, "
+                         f"{r['kernels_per_forward']:.0f} kernels; " +
+                         ", ".join(f"{k} {v:.1f} ms" for k, v in r["by_class_ms"].items()))
         if r["kind"] == "profile":
             extra.append(f"\nonnxruntime profile, one {r['component']} forward at {r['width']}×{r['height']}: "
                          f"{r['total_kernel_ms']:.1f} ms of kernels; by op: " +

@@ -5,7 +5,6 @@
 #   eager   : torch reference, eager           compiled : torch reference under torch.compile
 #   runtime : lean runtime on onnxruntime CUDA      profile : onnxruntime profiler, one dit_cond forward
 #   runtime-<variant>: the runtime with backend options (see the case list; docs/tuning.md says why each);
-#             runtime-sdpa takes SDPA_KERNEL=<bitmask> (default 24: cuDNN flash attention, unfused fallback)
 #   probe   : scripts/gpu_op_probe.py (fused-op support, speed and bit-identity at the model's shapes); PROBE_ONLY=<text> runs only matching cases
 #   memory  : scripts/runtime_memory.py (memory after load and after a generation, per weight mode and arena)
 #   check   : scripts/gpu_dequant_check.py on the tiny model (seconds): the cuda twin's FP8 MatMuls, no Memcpy,
@@ -28,8 +27,7 @@ for stage in "$@"; do
     runtime)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" || rc=$? ;;
     runtime-dqload)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true || rc=$? ;;
     runtime-cfg)     $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option uncond_device_id=1 || rc=$? ;;
-    runtime-arena)   $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option arena_extend_strategy=kSameAsRequested || rc=$? ;;
-    runtime-sdpa)    $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option sdpa_kernel=${SDPA_KERNEL:-24} || rc=$? ;;
+    runtime-pow2)    $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option arena_extend_strategy=kNextPowerOfTwo || rc=$? ;;
     runtime-own-arena) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option shared_arena=false || rc=$? ;;
     check)    python3 scripts/gpu_dequant_check.py | tee "${OUT:-/tmp}/dequant_check.json" || rc=$? ;;
     memory)   python3 scripts/runtime_memory.py --engines "$ROOT/engines" | tee "${OUT:-/tmp}/memory.jsonl" || rc=$? ;;

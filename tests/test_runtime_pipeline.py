@@ -171,12 +171,12 @@ def test_cfg_parallel_needs_the_cuda_provider(engines):
         Pipeline(engines, backend="onnxruntime-cpu", uncond_device_id=1)
 
 
-@pytest.mark.parametrize("value", [8, -1, 1024, "8"])
-def test_sdpa_kernel_is_refused_off_cuda_or_out_of_range(engines, value):
-    """The attention-kernel bitmask is a CUDA provider option: refused on the CPU and outside 0..1023, naming
-    the value and the range, before any graph is loaded."""
-    with pytest.raises(ValueError, match=rf"sdpa_kernel={value!r}: an int bitmask in 0\.\.1023"):
-        Pipeline(engines, backend="onnxruntime-cpu", sdpa_kernel=value)
+@pytest.mark.parametrize("value", ["kSameAsRequsted", "samerequested", 1])
+def test_bad_arena_strategy_is_refused_before_loading(engines, value):
+    """A misspelt arena growth strategy is refused, naming the value and the allowed ones, before any graph is
+    loaded (onnxruntime would otherwise fail per session, or the shared arena silently keep its default)."""
+    with pytest.raises(ValueError, match=rf"arena_extend_strategy={value!r}; allowed: kNextPowerOfTwo, kSameAsRequested"):
+        Pipeline(engines, backend="onnxruntime-cpu", arena_extend_strategy=value)
 
 
 def test_non_finite_sampler_state_is_an_error(engines):

@@ -30,20 +30,23 @@ class OnnxRuntimeBackend:
     def __init__(self, manifest, device: str = "cpu", device_id: int = 0, threads: int | None = None,
                  components: tuple[str, ...] | None = None,
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
-                 uncond_device_id: int | None = None, shared_arena: bool = True, sdpa_kernel: int | None = None):
+                 uncond_device_id: int | None = None, shared_arena: bool = True):
         """Constant folding is on for CUDA (it computes the FP8 MatMuls' fp32 row scales once; no DequantizeLinear
         of an initializer is left in those graphs) and off for the CPU, whose twin dequantizes every e4m3 weight
         per run and would otherwise hold them all as fp32.
-        arena_extend_strategy: CUDA arena growth, "kNextPowerOfTwo" (onnxruntime's default) or
-        "kSameAsRequested" (less memory held).
+        arena_extend_strategy: how an arena grows, "kNextPowerOfTwo" (onnxruntime's default) or
+        "kSameAsRequested" (by exactly what is asked). None: kSameAsRequested for the shared arena (H200, 1024²,
+        with the CUDA sessions' memory pattern off: 33.3 → 32.5 GiB at the same speed, docs/tuning.md §14),
+        onnxruntime's default for per-session arenas.
         dequantize_at_load=True: bf16 weights computed once at load on their device (see the module doc).
         uncond_device_id (CUDA): run dit_uncond on this GPU, concurrently with dit_cond ("CFG-parallel").
         shared_arena=True (default): the graphs on one device draw their activations from one arena registered
         with onnxruntime's environment, instead of one arena each that keeps its own peak: the components run
         one after the other, so the memory held is the largest peak rather than the sum of them (H200, 1024²:
         49.3 → 35.3 GiB). The arena is per process: the first backend's arena_extend_strategy stays.
-        sdpa_kernel (CUDA): the CUDA provider's attention-kernel bitmask (1 flash, 2 memory-efficient, 8 cuDNN
-        flash, 16 unfused; onnxruntime's own choice when None), for measuring docs/tuning.md §12."""
+        CUDA sessions run without onnxruntime's memory pattern (it added a block per session on the second run:
+        +4 GiB at 1024², no speed) and with the heuristic cuDNN convolution search (the exhaustive one costs the
+        VAE's first decode ~1.2 s more; same decode time after it)."""
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -53,22 +56,21 @@ class OnnxRuntimeBackend:
                                      f"(available: {', '.join(ort.get_available_providers())})")
         if uncond_device_id is not None and device != "cuda":
             raise ValueError("uncond_device_id needs the CUDA provider (onnxruntime-cuda)")
-        if sdpa_kernel is not None and (device != "cuda" or not isinstance(sdpa_kernel, int)
-                                        or not 0 <= sdpa_kernel < 1024):
-            raise ValueError(f"sdpa_kernel={sdpa_kernel!r}: an int bitmask in 0..1023 for the CUDA provider "
-                             "(onnxruntime-cuda)")
+        if arena_extend_strategy not in _STRATEGY:
+            raise ValueError(f"arena_extend_strategy={arena_extend_strategy!r}; allowed: kNextPowerOfTwo, "
+                             "kSameAsRequested")
         self.ort = ort
         self.name = f"onnxruntime-{device}"
         self.graph_variant = VARIANT[device] + (LOAD_DEQUANTIZED if dequantize_at_load else "")
         self.device, self.device_id = device, device_id
         self.manifest = manifest
-        self._threads, self._arena, self._sdpa_kernel = threads, arena_extend_strategy, sdpa_kernel
+        self._threads, self._arena = threads, arena_extend_strategy
         names = components or tuple(manifest.components)
         self.devices = {c: uncond_device_id if c == "dit_uncond" and uncond_device_id is not None else device_id
                         for c in names}
         if shared_arena:
             for dev in sorted(set(self.devices.values())):
-                _register_shared_arena(ort, device, dev, arena_extend_strategy)
+                _register_shared_arena(ort, device, dev, arena_extend_strategy or "kSameAsRequested")
         self._opts = self._options(shared_arena)
         self.sessions = {c: self._session(manifest.graph_path(c, self.graph_variant), self.devices[c])
                          for c in names}
@@ -92,17 +94,17 @@ class OnnxRuntimeBackend:
         opts.log_severity_level = 3
         if self.device != "cuda":       # the CPU twin's DequantizeLinear of every e4m3 weight would fold to fp32
             opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
+        else:   # the memory pattern adds a block per session on the second run: +4 GiB, no speed (tuning §14)
+            opts.enable_mem_pattern = False
         if shared_arena:
             opts.add_session_config_entry("session.use_env_allocators", "1")
         return opts
 
     def _session(self, path, device_id: int, arena: str | None = None, opts=None):
         ort = self.ort
-        cuda_opts = {"device_id": device_id}
+        cuda_opts = {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC"}
         if arena or self._arena:
             cuda_opts["arena_extend_strategy"] = arena or self._arena
-        if self._sdpa_kernel is not None:
-            cuda_opts["sdpa_kernel"] = str(self._sdpa_kernel)
         providers = [(PROVIDER[self.device], cuda_opts)] if self.device == "cuda" else [PROVIDER[self.device]]
         try:
             sess = ort.InferenceSession(str(path), opts or self._opts, providers=providers)
@@ -201,8 +203,6 @@ def _register_shared_arena(ort, device: str, device_id: int, strategy: str | Non
     Registered once per process: the first configuration stays."""
     if (device, device_id) in _SHARED_ARENAS:
         return
-    if strategy not in _STRATEGY:
-        raise ValueError(f"arena_extend_strategy={strategy!r}; allowed: kNextPowerOfTwo, kSameAsRequested")
     cfg = ort.OrtArenaCfg(0, _STRATEGY[strategy], -1, -1)      # max_mem 0 = no limit; -1 = onnxruntime's default
     kind = "Cuda" if device == "cuda" else "Cpu"
     info = ort.OrtMemoryInfo(kind, ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, device_id, ort.OrtMemType.DEFAULT)
