@@ -178,3 +178,49 @@ def test_multihead_attention_rewrite_leaves_other_attention_alone():
     del kept_heads.graph.node[-2:]                        # output stays (B, H, L, hd)
     kept_heads.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, [1, 2, 8, 16]))
     assert fused_attention(kept_heads) is kept_heads
+
+
+def test_rope_rewrite_computes_the_rotation_it_replaces():
+    """fused_rope (the onnxruntime-CUDA twins' RoPE) against the exporter's own rotation (layers.apply_rope:
+    x·cos + swap_halves(x)·(sign·sin)), both in fp32 on onnxruntime's CPU kernels, fresh random inputs and tables
+    in the runtime's rotate-half layout (each angle twice): equal to fp32 rounding."""
+    from ideogram4_engine.export.graphs.builder import F32, GraphBuilder
+    from ideogram4_engine.export.graphs.layers import apply_rope
+    from ideogram4_engine.export.graphs.rewrite import fused_rope
+    rng = np.random.default_rng()
+    B, L, H, hd = 2, 11, 3, 16
+    g = GraphBuilder("rope")
+    x = g.input("x", F32, [B, L, H, hd])
+    cos, sin = g.input("cos", F32, [B, L, hd]), g.input("sin", F32, [B, L, hd])
+    sign = g.const(torch.cat([-torch.ones(hd // 2), torch.ones(hd // 2)]))
+    c = g.op("Unsqueeze", cos, g.i64(2))
+    s = g.op("Mul", g.op("Unsqueeze", sin, g.i64(2)), sign)
+    g.output(apply_rope(g, x, c, s, hd), "y", F32, [B, L, H, hd])
+    before = g.model()
+    after = fused_rope(before)
+    ops = [n.op_type for n in after.graph.node]
+    assert ops.count("RotaryEmbedding") == 1 and "Gather" not in ops and "Add" not in ops, ops
+    ang = rng.uniform(-40, 40, (B, L, hd // 2))
+    feeds = {"x": (2 * rng.standard_normal((B, L, H, hd))).astype(np.float32),
+             "cos": np.cos(np.concatenate([ang, ang], -1)).astype(np.float32),
+             "sin": np.sin(np.concatenate([ang, ang], -1)).astype(np.float32)}
+    ref, got = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+                for m in (before, after))
+    assert got.shape == ref.shape
+    assert rel_err(got, ref) < 1e-6, rel_err(got, ref)
+
+
+def test_rope_rewrite_leaves_other_rotations_alone():
+    """Another swap (not the rotate-half one) or another sign pattern is not a rotate-half RoPE: no rewrite."""
+    from ideogram4_engine.export.graphs.builder import F32, GraphBuilder
+    from ideogram4_engine.export.graphs.rewrite import fused_rope
+    hd = 8
+    for swap, sign in (([1, 0, 3, 2, 5, 4, 7, 6], [-1.0] * 4 + [1.0] * 4), ([4, 5, 6, 7, 0, 1, 2, 3], [1.0] * 8)):
+        g = GraphBuilder("rope")
+        x = g.input("x", F32, [1, 3, 2, hd])
+        c, t = g.input("c", F32, [1, 3, 1, hd]), g.input("t", F32, [1, 3, 1, hd])
+        s = g.op("Mul", t, g.const(torch.tensor(sign)))
+        rot = g.op("Gather", x, g.const(torch.tensor(swap, dtype=torch.int64)), axis=-1)
+        g.output(g.op("Add", g.op("Mul", x, c), g.op("Mul", rot, s)), "y", F32, [1, 3, 2, hd])
+        m = g.model()
+        assert fused_rope(m) is m
