@@ -36,7 +36,7 @@ from .graphs.rewrite import (bf16_to_fp32_emulation, cpu_dequantized_at_load, cu
                              fp8_weights)
 from .inventory import scale_name
 
-EXPORTER_VERSION = 7          # bump whenever the graphs an unchanged checkpoint exports would change
+EXPORTER_VERSION = 6          # bump whenever the graphs an unchanged checkpoint exports would change
 COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
 SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond": "unconditional_transformer",
           "vae_decoder": "vae"}
@@ -48,7 +48,7 @@ VARIANTS = {"cuda": for_cuda, "cpu": bf16_to_fp32_emulation,       # graph file 
 GRAPH_USE = {"bf16": "canonical bf16 graph: TensorRT / TensorRT-RTX engines are built from it",
              "cuda": "onnxruntime CUDAExecutionProvider (bf16; ops without bf16 CUDA kernels run in fp32; FP8 linears "
                      "as com.microsoft.MatMulBlockQuantizedFp8Weight, onnxruntime-gpu >= 1.31; the DiTs' attention "
-                     "as com.microsoft.MultiHeadAttention after ONNX RotaryEmbedding)",
+                     "as com.microsoft.MultiHeadAttention)",
              "cpu": "onnxruntime CPUExecutionProvider (fp32 compute, bf16 rounding after every op)",
              "cuda_dql": "the cuda twin with every FP8 weight a bf16 input, dequantized once at load by the "
                          "component's `dequantize` graph (onnxruntime `dequantize_at_load`)",

@@ -124,7 +124,7 @@ def bf16_to_fp32_emulation(model: onnx.ModelProto) -> onnx.ModelProto:
 def cuda_dequantized_at_load(model: onnx.ModelProto) -> onnx.ModelProto:
     """The `dequantize_at_load` graph for CUDA: every FP8 weight a bf16 (in, out) input (its DequantizeLinear →
     Transpose cut out), then the CUDA twin's emulation and attention."""
-    return fused_attention(fused_rope(emulate_bf16(weights_as_inputs(model), CUDA_FP32_OPS)))
+    return fused_attention(emulate_bf16(weights_as_inputs(model), CUDA_FP32_OPS))
 
 
 def cpu_dequantized_at_load(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -135,114 +135,8 @@ def cpu_dequantized_at_load(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def for_cuda(model: onnx.ModelProto, ops: frozenset[str] = CUDA_FP32_OPS) -> onnx.ModelProto:
     """The onnxruntime-CUDA twin: bf16 except the ops without bf16 CUDA kernels, self-attention as onnxruntime's
-    fused MultiHeadAttention fed by ONNX RotaryEmbedding, FP8 linears as its fused FP8-weight MatMul."""
-    return fp8_matmuls(fused_attention(fused_rope(emulate_bf16(model, ops))))
-
-
-# ------------------------------------------------------------------------------ RoPE on onnxruntime-CUDA
-
-def _const(model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    init = next((i for i in model.graph.initializer if i.name == name and not i.external_data), None)
-    return None if init is None else onnx.numpy_helper.to_array(init)
-
-
-def fused_rope(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Each rotation `x·C + Gather(x, swap_halves)·(T·sign)` (layers.apply_rope: x (B, L, H, hd), C and T the
-    bf16 cos and sin tables broadcast over heads, sign −1 on the first half) becomes ONNX's RotaryEmbedding
-    (opset 23, rotate-half) on x viewed as (B, L, H·hd), with per-row (B, L, hd/2) caches sliced from the
-    tables once per graph — the tables hold each angle twice (runtime/rope.py), so a half is the whole table.
-
-    Why: one kernel instead of four (Gather, two Mul, Add) per rotation, 2 × 34 per DiT forward that cost about
-    15 ms of the 184 (H200 kernel profile, docs/tuning.md §15). Per element both compute x₁·c − x₂·s and
-    x₂·c + x₁·s from the same bf16 values; whether the kernel rounds after each product like the reference is
-    measured on the GPU (scripts/gpu_dequant_check.py), not assumed."""
-    shapes = _shapes(model)
-    producer = {o: n for n in model.graph.node for o in n.output}
-    users = _consumers(model.graph.node)
-
-    def only_user(name: str, node: onnx.NodeProto) -> bool:
-        return [u is node for u in users.get(name, [])] == [True]
-
-    def split_mul(node, want_input: str | None = None):
-        """(x, other) of a Mul; with want_input, the operand order that puts it first."""
-        if node is None or node.op_type != "Mul":
-            return None
-        a, b = node.input
-        if want_input is None or a == want_input:
-            return a, b
-        return (b, a) if b == want_input else None
-
-    caches: dict[tuple[str, str], tuple[str, str]] = {}
-    replace: dict[int, list[onnx.NodeProto]] = {}
-    extra: dict[str, np.ndarray] = {}
-    for add in model.graph.node:
-        if add.op_type != "Add":
-            continue
-        for first, second in ((0, 1), (1, 0)):
-            m_cos, m_sin = producer.get(add.input[first]), producer.get(add.input[second])
-            if m_cos is None or m_sin is None or m_cos.op_type != "Mul" or m_sin.op_type != "Mul":
-                continue
-            gathers = [producer.get(i) for i in m_sin.input]
-            k = next((j for j, gn in enumerate(gathers) if gn is not None and gn.op_type == "Gather"), None)
-            if k is None:
-                continue
-            gather, signed = gathers[k], m_sin.input[1 - k]
-            x = gather.input[0]
-            pair = split_mul(m_cos, x)
-            shape = shapes.get(x)
-            if pair is None or shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
-                continue
-            heads, hd = shape[2], shape[3]
-            half = hd // 2
-            swap = _const(model, gather.input[1])
-            axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
-            if swap is None or axis not in (-1, 3) or swap.tolist() != [*range(half, hd), *range(half)]:
-                continue
-            sign_mul = producer.get(signed)
-            table = None
-            if sign_mul is not None and sign_mul.op_type == "Mul":
-                for a, b in ((0, 1), (1, 0)):
-                    sign = _const(model, sign_mul.input[b])
-                    if sign is not None and sign.reshape(-1).tolist() == [-1.0] * half + [1.0] * half:
-                        table = sign_mul.input[a]
-            if table is None or not all(only_user(o, n) for o, n in ((m_cos.output[0], add), (m_sin.output[0], add),
-                                                                       (gather.output[0], m_sin))):
-                continue
-            cos_table = pair[1]
-            key = (cos_table, table)
-            if key not in caches:
-                tag = f"rope_cache_{len(caches)}"
-                extra.update({f"{tag}_lo": np.array([0], np.int64), f"{tag}_mid": np.array([half], np.int64),
-                              f"{tag}_hi": np.array([hd], np.int64), f"{tag}_axis": np.array([-1], np.int64),
-                              f"{tag}_shape": np.array([0, 0, half], np.int64)})
-                nodes = [helper.make_node("Slice", [cos_table, f"{tag}_lo", f"{tag}_mid", f"{tag}_axis"], [f"{tag}_cos4"]),
-                         helper.make_node("Reshape", [f"{tag}_cos4", f"{tag}_shape"], [f"{tag}_cos"]),
-                         helper.make_node("Slice", [table, f"{tag}_mid", f"{tag}_hi", f"{tag}_axis"], [f"{tag}_sin4"]),
-                         helper.make_node("Reshape", [f"{tag}_sin4", f"{tag}_shape"], [f"{tag}_sin"])]
-                caches[key] = (f"{tag}_cos", f"{tag}_sin")
-                replace.setdefault(id(sign_mul), [sign_mul]).extend(nodes)
-            cos_c, sin_c = caches[key]
-            name = add.output[0]
-            extra[f"rope_flat_{heads}x{hd}"] = np.array([0, 0, heads * hd], np.int64)
-            extra[f"rope_heads_{heads}x{hd}"] = np.array([0, 0, heads, hd], np.int64)
-            replace[id(add)] = [
-                helper.make_node("Reshape", [x, f"rope_flat_{heads}x{hd}"], [f"{name}__rope_in"], name=f"{name}__rope_in"),
-                helper.make_node("RotaryEmbedding", [f"{name}__rope_in", cos_c, sin_c], [f"{name}__rope"],
-                                 name=f"{name}__rope", num_heads=heads),
-                helper.make_node("Reshape", [f"{name}__rope", f"rope_heads_{heads}x{hd}"], [name], name=name)]
-            for n in (m_cos, m_sin, gather):
-                replace[id(n)] = []
-            break
-    if not replace:
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    nodes = [_copy(m) for n in model.graph.node for m in replace.get(id(n), [n])]
-    del out.graph.node[:]
-    out.graph.node.extend(_toposort(nodes))
-    out.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in extra.items())
-    _prune(out)
-    return out
+    fused MultiHeadAttention, FP8 linears as its fused FP8-weight MatMul."""
+    return fp8_matmuls(fused_attention(emulate_bf16(model, ops)))
 
 
 # ------------------------------------------------------------------------------ attention on onnxruntime-CUDA
