@@ -36,7 +36,7 @@ from .graphs.rewrite import (bf16_to_fp32_emulation, cpu_dequantized_at_load, cu
                              fp8_weights)
 from .inventory import scale_name
 
-EXPORTER_VERSION = 6          # bump whenever the graphs an unchanged checkpoint exports would change
+EXPORTER_VERSION = 8          # bump whenever the graphs an unchanged checkpoint exports would change (7: reverted RoPE rewrite)
 COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
 SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond": "unconditional_transformer",
           "vae_decoder": "vae"}
