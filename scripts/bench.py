@@ -196,7 +196,7 @@ def _profile_dit(pipe, root: Path, size: str) -> None:
 KERNEL_CLASSES = (        # (class, substrings of the kernel name), first match wins; lower-case
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
     ("fp8 dequantize", ("fp8", "dequant", "e4m3", "blockquant")),
-    ("gemm", ("gemm", "sm90_xmma", "cutlass", "cublas", "matmul", "gemv")),
+    ("gemm", ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas", "matmul", "gemv")),
     ("norm", ("layernorm", "rmsnorm", "simplified", "reduce")),
     ("copy/split/gather", ("split", "transpose", "concat", "gather", "copy", "slice", "memcpy")),
     ("elementwise", ("elementwise", "unary", "binary", "cast", "quickgelu", "sigmoid", "tanh", "_kernel")),
