@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ..runtime import latents as latent_tables
+from ..runtime.manifest import LOAD_DEQUANTIZED     # <c>.<twin>_dql.onnx: the twin with its FP8 weights as bf16 inputs
 from ..runtime.packing import MAX_ASPECT, MAX_SIDE, MAX_TEXT_TOKENS, MIN_SIDE, PIXELS_PER_TOKEN
 from ..runtime.schedule import DEFAULT_PRESET, PRESETS, TAU_MAX, TAU_MIN
 from .checkpoint import Checkpoint, Component, TensorSource, open_checkpoint
@@ -42,7 +43,6 @@ SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond
           "vae_decoder": "vae"}
 WEIGHT_MODES = ("fp8", "keep")
 SCHEMA = Path(__file__).with_name("manifest.schema.json")
-LOAD_DEQUANTIZED = "_dql"     # <c>.<twin>_dql.onnx: the twin with its FP8 weights as bf16 inputs
 VARIANTS = {"cuda": for_cuda, "cpu": bf16_to_fp32_emulation,       # graph file suffix -> rewrite of the bf16 graph
             "cuda" + LOAD_DEQUANTIZED: cuda_dequantized_at_load, "cpu" + LOAD_DEQUANTIZED: cpu_dequantized_at_load}
 GRAPH_USE = {"bf16": "canonical bf16 graph: TensorRT / TensorRT-RTX engines are built from it",

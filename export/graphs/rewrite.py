@@ -197,6 +197,14 @@ def fused_attention(model: onnx.ModelProto) -> onnx.ModelProto:
         replace[id(att)] = new
         for n in (*ins, after[0], back[0]):
             replace[id(n)] = []
+    return _with_contrib_nodes(model, replace, np.array([0, 0, -1], np.int64), "mha_flat_shape")
+
+
+def _with_contrib_nodes(model: onnx.ModelProto, replace: dict[int, list[onnx.NodeProto]], const: np.ndarray,
+                        const_name: str) -> onnx.ModelProto:
+    """A copy of `model` with each node whose id is in `replace` swapped for its list of nodes (com.microsoft
+    ops among them), re-sorted, with the rewrite's one constant added and what became unused pruned; `model`
+    itself when there is nothing to replace."""
     if not replace:
         return model
     out = onnx.ModelProto()
@@ -204,7 +212,7 @@ def fused_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = [_copy(m) for n in model.graph.node for m in replace.get(id(n), [n])]
     del out.graph.node[:]
     out.graph.node.extend(_toposort(nodes))
-    out.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, 0, -1], np.int64), "mha_flat_shape"))
+    out.graph.initializer.append(onnx.numpy_helper.from_array(const, const_name))
     if not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _prune(out)
@@ -228,12 +236,10 @@ def fp8_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
     per-row scale becomes the op's fp32 rows by one Unsqueeze, a constant subgraph that onnxruntime folds at
     session creation (the backend keeps constant folding on for CUDA: no DequantizeLinear of an initializer is
     left there to fold)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    users = _consumers(out.graph.node)
-    dims = {i.name: list(i.dims) for i in out.graph.initializer}
+    users = _consumers(model.graph.node)
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
     replace: dict[int, list[onnx.NodeProto]] = {}      # id(node) -> nodes in its place ([] drops it)
-    for dq in _fp8_dequantizations(out):
+    for dq in _fp8_dequantizations(model):
         q, scale = dq.input[0], dq.input[1]
         weight, producers = _rounded_weight(dq, users)
         matmuls = users.get(weight, [])
@@ -253,16 +259,7 @@ def fp8_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
             replace[id(m)] = [helper.make_node(FP8_MATMUL, [m.input[0], q, rows], list(m.output),
                                                name=m.name or m.output[0], domain="com.microsoft",
                                                block_size=dims[q][1])]
-    if not replace:
-        return out
-    nodes = [_copy(m) for n in out.graph.node for m in replace.get(id(n), [n])]
-    del out.graph.node[:]
-    out.graph.node.extend(_toposort(nodes))
-    out.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "fp8mm_axis1"))
-    if not any(o.domain == "com.microsoft" for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    _prune(out)
-    return out
+    return _with_contrib_nodes(model, replace, np.array([1], np.int64), "fp8mm_axis1")
 
 
 # ------------------------------------------------------------------------------ when the weights are dequantized

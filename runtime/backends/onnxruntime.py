@@ -56,7 +56,7 @@ class OnnxRuntimeBackend:
                                      f"(available: {', '.join(ort.get_available_providers())})")
         if uncond_device_id is not None and device != "cuda":
             raise ValueError("uncond_device_id needs the CUDA provider (onnxruntime-cuda)")
-        if arena_extend_strategy not in _STRATEGY:
+        if arena_extend_strategy is not None and arena_extend_strategy not in _STRATEGY:
             raise ValueError(f"arena_extend_strategy={arena_extend_strategy!r}; allowed: kNextPowerOfTwo, "
                              "kSameAsRequested")
         self.ort = ort
@@ -195,15 +195,15 @@ class OnnxRuntimeBackend:
 
 
 _SHARED_ARENAS: set[tuple[str, int]] = set()     # (provider device, device id) registered in this process
-_STRATEGY = {None: -1, "kNextPowerOfTwo": 0, "kSameAsRequested": 1}
+_STRATEGY = {"kNextPowerOfTwo": 0, "kSameAsRequested": 1}
 
 
-def _register_shared_arena(ort, device: str, device_id: int, strategy: str | None) -> None:
+def _register_shared_arena(ort, device: str, device_id: int, strategy: str) -> None:
     """One arena per device in onnxruntime's environment, used by sessions with session.use_env_allocators.
     Registered once per process: the first configuration stays."""
     if (device, device_id) in _SHARED_ARENAS:
         return
-    cfg = ort.OrtArenaCfg(0, _STRATEGY[strategy], -1, -1)      # max_mem 0 = no limit; -1 = onnxruntime's default
+    cfg = ort.OrtArenaCfg(0, _STRATEGY[strategy], -1, -1)      # max_mem 0 = no limit; -1: onnxruntime's defaults
     kind = "Cuda" if device == "cuda" else "Cpu"
     info = ort.OrtMemoryInfo(kind, ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, device_id, ort.OrtMemType.DEFAULT)
     if device == "cuda":
