@@ -7,6 +7,7 @@
 #   runtime-<variant>: the runtime with backend options (see the case list; docs/tuning.md says why each);
 #   probe   : scripts/gpu_op_probe.py (fused-op support, speed and bit-identity at the model's shapes); PROBE_ONLY=<text> runs only matching cases
 #   memory  : scripts/runtime_memory.py (memory after load and after a generation, per weight mode and arena)
+#   dqmemory: scripts/dequant_memory.py (dequantize_at_load's weights alone, per way of binding the e4m3 bytes)
 #   check   : scripts/gpu_dequant_check.py on the tiny model (seconds): the cuda twin's FP8 MatMuls, no Memcpy,
 #             no weight Transpose left after onnxruntime's optimizations; latents vs dequantize_at_load
 # Every stage copies results.jsonl and report.md to $OUT.
@@ -30,6 +31,7 @@ for stage in "$@"; do
     runtime-pow2)    $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option arena_extend_strategy=kNextPowerOfTwo || rc=$? ;;
     runtime-own-arena) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option shared_arena=false || rc=$? ;;
     check)    python3 scripts/gpu_dequant_check.py | tee "${OUT:-/tmp}/dequant_check.json" || rc=$? ;;
+    dqmemory) python3 scripts/dequant_memory.py --engines "$ROOT/engines" | tee "${OUT:-/tmp}/dequant_memory.jsonl" || rc=$? ;;
     memory)   python3 scripts/runtime_memory.py --engines "$ROOT/engines" | tee "${OUT:-/tmp}/memory.jsonl" || rc=$? ;;
     runtime-dqload-cfg) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true --option uncond_device_id=1 || rc=$? ;;
     probe)    python3 scripts/gpu_op_probe.py --out "$ROOT/probe.jsonl" ${PROBE_ONLY:+--only "$PROBE_ONLY"} || rc=$?; cp "$ROOT/probe.jsonl" "${OUT:-/tmp}"/ ;;

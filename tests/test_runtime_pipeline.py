@@ -166,6 +166,34 @@ def test_dequantize_at_load_refuses_an_unknown_weight_format(engines, tmp_path):
         Pipeline(eng, backend="onnxruntime-cpu", dequantize_at_load=True)
 
 
+def test_dequantize_at_load_out_of_memory_names_the_need(engines, monkeypatch):
+    """An arena that cannot grow while the weights are dequantized (an 80 GB H100 at full size, docs/tuning.md
+    §16) ends the load with a MemoryError naming the component, the weight and the bf16 bytes the mode needs,
+    not onnxruntime's bare allocation failure. The failure is injected: a CPU machine has no such limit."""
+    import onnxruntime as ort
+    real = ort.InferenceSession.run_with_iobinding
+    sessions = []
+
+    def run(self, binding, run_options=None):
+        if self._model_path.endswith("dequantize.onnx"):
+            if self not in sessions:
+                sessions.append(self)
+            if self is sessions[-1] and len(sessions) == 2:     # the first weight of dit_cond, after the text encoder
+                raise RuntimeError("Error in execution: Non-zero status code returned while running "
+                                   "DequantizeLinear node. Status Message: bfc_arena.cc:360 Failed to allocate "
+                                   "memory for requested buffer of size 226492416")
+        return real(self, binding, run_options)
+
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", run)
+    manifest = Pipeline(engines, backend="onnxruntime-cpu").manifest
+    names = [w["input"] for w in manifest.dequantize("dit_cond")["weights"]]
+    need = sum(2 * int(np.prod(w["weight"]["shape"])) for c in ("text_encoder", "dit_cond", "dit_uncond")
+               for w in manifest.dequantize(c)["weights"])
+    with pytest.raises(MemoryError, match=rf"cpu:0 is out of memory at dit_cond weight {names[0]}\. .*"
+                                          rf"text_encoder, dit_cond, dit_uncond as bf16 .*\({need / 2**30:.1f} GiB"):
+        Pipeline(engines, backend="onnxruntime-cpu", dequantize_at_load=True)
+
+
 def test_cfg_parallel_needs_the_cuda_provider(engines):
     with pytest.raises(ValueError, match="uncond_device_id needs the CUDA provider"):
         Pipeline(engines, backend="onnxruntime-cpu", uncond_device_id=1)

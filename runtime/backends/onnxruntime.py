@@ -143,6 +143,10 @@ class OnnxRuntimeBackend:
         shrink = ort.RunOptions()
         shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage",
                                     f"{'gpu' if self.device == 'cuda' else 'cpu'}:{dev}")
+        empty = sess.io_binding()              # a 1×1 weight: a run that only shrinks the arena
+        empty.bind_ortvalue_input("weight", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros((1, 1), np.uint8), 17))
+        empty.bind_ortvalue_input("scale", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros((1,), np.uint16), 16))
+        empty.bind_output("dequantized", self.device, dev)
         binding = self.sessions[component].io_binding()
         with open(self.manifest.data_path(component), "rb") as f:
             for w in dq["weights"]:
@@ -150,9 +154,28 @@ class OnnxRuntimeBackend:
                 for name, part in (("weight", w["weight"]), ("scale", w["scale"])):
                     run.bind_ortvalue_input(name, _read_tensor(f, part, ort))
                 run.bind_output("dequantized", self.device, dev)
-                sess.run_with_iobinding(run, shrink)
+                try:
+                    sess.run_with_iobinding(run, shrink)
+                except Exception as e:  # noqa: BLE001 -- onnxruntime raises RuntimeError/Fail for an arena that cannot grow
+                    if "Failed to allocate" not in str(e):
+                        raise
+                    raise MemoryError(self._out_of_memory(component, w["input"])) from None
                 binding.bind_ortvalue_input(w["input"], run.get_outputs()[0])
+                run.clear_binding_inputs()      # frees the device copy of the e4m3 bytes made when they were bound
+                sess.run_with_iobinding(empty, shrink)      # ... and gives its region back before the next weight
         return binding
+
+    def _out_of_memory(self, component: str, weight: str) -> str:
+        """Why `dequantize_at_load` stopped, with what it needs on the device, so the user can choose."""
+        dev = self.devices[component]
+        on_dev = [c for c, d in self.devices.items() if d == dev and self.manifest.dequantize(c) is not None]
+        need = sum(2 * int(np.prod(w["weight"]["shape"], dtype=np.int64))
+                   for c in on_dev for w in self.manifest.dequantize(c)["weights"])
+        return (f"dequantize_at_load: {self.device}:{dev} is out of memory at {component} weight {weight}. This mode "
+                f"holds every FP8 weight of {', '.join(on_dev)} as bf16 on that device ({need / 2**30:.1f} GiB of "
+                "weights alone; 80.2 GiB in use after the load at full size on an H200, so it does not fit an 80 GB "
+                "H100, docs/tuning.md §16). Use the default (FP8 weights resident, about a third of that) or put "
+                "dit_uncond on a second GPU with uncond_device_id")
 
     def upload(self, array: np.ndarray, *, component: str | None = None) -> Any:
         """To the device of `component` (default: the main device)."""
