@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--uncond-device", type=int, default=None,
                    help="onnxruntime-cuda: run the unconditional DiT on this GPU, concurrently (CFG-parallel)")
     g.add_argument("--dequantize-at-load", action="store_true",
-                   help="onnxruntime: dequantize the FP8 weights once at load, on the device (H200, v6: -3%% step "
-                        "time, 86.5 instead of 37.3 GiB; the CPU results are bit for bit the default's)")
+                   help="onnxruntime: dequantize the FP8 weights once at load, on the device (H100, 1024²: -4%% step "
+                        "time, 58.5 instead of 32.5 GiB; the CPU results are bit for bit the default's)")
     g.add_argument("--json", action="store_true", help="print timings and outputs as one JSON object")
     g.add_argument("--progress", action="store_true", help="show the step progress bar even when not a TTY")
     g.set_defaults(func=cmd_generate)

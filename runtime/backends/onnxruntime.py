@@ -124,7 +124,10 @@ class OnnxRuntimeBackend:
         weight, so each bf16 weight sits in an allocation of its own size and the temporaries (the e4m3
         copy and the fp32 product, 5 bytes per parameter) are returned at once. The two earlier layouts —
         temporaries left in the weights' arena, and one buffer for all weights from onnxruntime's default
-        power-of-two arena — held 107.7 and 98.3 GiB in total on the H200 against 89.8 (docs/tuning.md §8)."""
+        power-of-two arena — held 107.7 and 98.3 GiB in total on the H200 against 89.8 (docs/tuning.md §8).
+        The e4m3 copy is made when the host tensor is bound, so it is released and the arena shrunk by an empty
+        run before the next weight; kept, its freed region took later bf16 weights and stayed pinned
+        (+25 GiB on the H100, which ran out of memory; §16)."""
         ort, dq = self.ort, self.manifest.dequantize(component)
         dev = self.devices[component]
         graph = self.manifest.root / dq["graph"]["file"]
@@ -173,9 +176,9 @@ class OnnxRuntimeBackend:
                    for c in on_dev for w in self.manifest.dequantize(c)["weights"])
         return (f"dequantize_at_load: {self.device}:{dev} is out of memory at {component} weight {weight}. This mode "
                 f"holds every FP8 weight of {', '.join(on_dev)} as bf16 on that device ({need / 2**30:.1f} GiB of "
-                "weights alone; 80.2 GiB in use after the load at full size on an H200, so it does not fit an 80 GB "
-                "H100, docs/tuning.md §16). Use the default (FP8 weights resident, about a third of that) or put "
-                "dit_uncond on a second GPU with uncond_device_id")
+                "weights alone; the full model at 1024² used 58.5 GiB of an H100, docs/tuning.md §16). Use the "
+                "default (FP8 weights resident: 32.5 GiB there) or put dit_uncond on a second GPU with "
+                "uncond_device_id")
 
     def upload(self, array: np.ndarray, *, component: str | None = None) -> Any:
         """To the device of `component` (default: the main device)."""
