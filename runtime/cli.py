@@ -46,7 +46,7 @@ def cmd_generate(args) -> int:
                                  f"(got --backend {args.backend})")
             options["dequantize_at_load"] = True
         pipe = Pipeline(args.engines, backend=args.backend, **options)
-    except (ValueError, ManifestError, RuntimeError) as e:
+    except (ValueError, ManifestError, RuntimeError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     synthetic = pipe.manifest.synthetic

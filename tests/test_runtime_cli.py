@@ -100,3 +100,25 @@ def test_refusals_write_nothing(engines, tmp_path, case, msg):
     r = run("generate", "--engines", eng, "--prompt", "a fox", "--output", out, "--backend", backend, *extra)
     assert r.returncode == 2 and msg in r.stderr, r.stderr
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_out_of_memory_at_load_is_an_error_line_and_no_file(engines, tmp_path, monkeypatch, capsys):
+    """`--dequantize-at-load` on a GPU too small (injected: the CPU has no such limit) ends with exit code 2 and
+    the backend's MemoryError as one `error:` line, not a traceback, and writes no image."""
+    import onnxruntime as ort
+    from ideogram4_engine.runtime.cli import main
+    real = ort.InferenceSession.run_with_iobinding
+
+    def run_oom(self, binding, run_options=None):
+        if self._model_path.endswith("dequantize.onnx"):
+            raise RuntimeError("Error in execution: bfc_arena.cc:360 Failed to allocate memory for requested buffer")
+        return real(self, binding, run_options)
+
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", run_oom)
+    out = tmp_path / "o.png"
+    rc = main(["generate", "--engines", str(engines), "--prompt", "a red fox", "--width", "256", "--height", "256",
+               "--steps", "2", "--backend", "onnxruntime-cpu", "--dequantize-at-load", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: dequantize_at_load: cpu:0 is out of memory at text_encoder weight "), err
+    assert "Traceback" not in err and not out.exists()
