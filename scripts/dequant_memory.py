@@ -21,15 +21,14 @@ import numpy as np
 
 
 def used_mib() -> int:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.split()[0])
+    from runtime_memory import used_mib as used        # this folder's script: nvidia-smi per GPU
+    return used("onnxruntime-cuda")["gpu_mib"][0]
 
 
 def one(engines: str, variant: str) -> dict:
     import onnxruntime as ort
     from ideogram4_engine.runtime.manifest import load_manifest
-    from ideogram4_engine.runtime.backends.onnxruntime import _read_tensor
+    from ideogram4_engine.runtime.backends.onnxruntime import _read_tensor, shrinking_runs
     m = load_manifest(engines)
     rec = {"variant": variant, "before_mib": used_mib(), "components": []}
     kept, bf16 = [], 0
@@ -41,12 +40,7 @@ def one(engines: str, variant: str) -> dict:
         opts.log_severity_level = 3
         sess = ort.InferenceSession(str(m.root / dq["graph"]["file"]), opts, providers=[
             ("CUDAExecutionProvider", {"device_id": 0, "arena_extend_strategy": "kSameAsRequested"})])
-        shrink = ort.RunOptions()
-        shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
-        empty = sess.io_binding()
-        empty.bind_ortvalue_input("weight", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros((1, 1), np.uint8), 17))
-        empty.bind_ortvalue_input("scale", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros((1,), np.uint16), 16))
-        empty.bind_output("dequantized", "cuda", 0)
+        shrink, empty = shrinking_runs(ort, sess, "cuda", 0)
         try:
             with open(m.data_path(comp), "rb") as f:
                 for w in dq["weights"]:

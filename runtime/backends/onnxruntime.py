@@ -143,13 +143,7 @@ class OnnxRuntimeBackend:
                                          f"{graph.name} takes ('float8e4m3fn', 'bfloat16', 0); re-run `make export`")
         sess = self._session(graph, dev, arena="kSameAsRequested", opts=self._options(shared_arena=False))
         self._keep.append(sess)                 # its allocator owns the weights' memory
-        shrink = ort.RunOptions()
-        shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage",
-                                    f"{'gpu' if self.device == 'cuda' else 'cpu'}:{dev}")
-        empty = sess.io_binding()              # a 1×1 weight: a run that only shrinks the arena
-        empty.bind_ortvalue_input("weight", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros((1, 1), np.uint8), 17))
-        empty.bind_ortvalue_input("scale", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros((1,), np.uint16), 16))
-        empty.bind_output("dequantized", self.device, dev)
+        shrink, empty = shrinking_runs(ort, sess, self.device, dev)
         binding = self.sessions[component].io_binding()
         with open(self.manifest.data_path(component), "rb") as f:
             for w in dq["weights"]:
@@ -240,6 +234,20 @@ def _register_shared_arena(ort, device: str, device_id: int, strategy: str) -> N
 
 
 _ONNX_TYPES = {"float8e4m3fn": (np.uint8, 17), "bfloat16": (np.uint16, 16)}      # numpy carrier, onnx type
+
+
+def shrinking_runs(ort, sess, device: str, device_id: int) -> tuple[Any, Any]:
+    """For the `dequantize` session: run options that shrink its arena after a run, and a binding of a 1×1
+    weight whose run does nothing else (it returns freed regions between two weights)."""
+    shrink = ort.RunOptions()
+    shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage",
+                                f"{'gpu' if device == 'cuda' else 'cpu'}:{device_id}")
+    empty = sess.io_binding()
+    for name, dtype, shape in (("weight", "float8e4m3fn", (1, 1)), ("scale", "bfloat16", (1,))):
+        np_type, onnx_type = _ONNX_TYPES[dtype]
+        empty.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros(shape, np_type), onnx_type))
+    empty.bind_output("dequantized", device, device_id)
+    return shrink, empty
 
 
 def _read_tensor(f, loc: dict, ort) -> Any:
