@@ -104,7 +104,7 @@ def test_no_builder_installed_names_both(monkeypatch):
             raise ImportError(f"No module named '{name}'")
         return real(name, *a, **k)
 
-    monkeypatch.setattr(E.importlib, "import_module", fake)
+    monkeypatch.setattr(importlib, "import_module", fake)
     with pytest.raises(E.EngineBuildError) as e:
         E.load_toolkit()
     msg = str(e.value)
