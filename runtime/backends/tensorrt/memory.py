@@ -116,6 +116,8 @@ def memory_report(manifest, budget: int | None = None) -> list[str]:
         floor = memory_estimate(entries, "resident", 0)[0]
         lines.append(f"  weight streaming      {floor / GiB:7.2f} GiB + the budget (resident; {', '.join(streamable)} "
                      "stream the rest of their weights from host memory, plus a scratch buffer)")
-    else:
+    elif built:
         lines.append("  weight streaming      not available: these engines were built without `--weight-streaming`")
+    else:
+        lines.append("  weight streaming      needs engines built with `make engines ENGINE_FLAGS=--weight-streaming`")
     return lines
