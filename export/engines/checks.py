@@ -117,8 +117,9 @@ def _attention_check(blocks: list[dict], parsed: list[dict], by_profile: dict[in
             f"{r['block']} is one fused kernel in {r['fused_profiles']} of {r['profiles']} profile(s); profile 0 "
             f"computes it with {len(r['layers'])} layer(s): {', '.join(r['layers'][:6])}" for r in failed))
     elif any(r.get("unknown") for r in results):
-        att.update(status="unverified", detail=f"{sum(bool(r.get('unknown')) for r in results)} block(s) sit in fused regions "
-                                               "that do not name their kernels (Myelin ForeignNode)")
+        n = sum(bool(r.get("unknown")) for r in results)
+        att.update(status="unverified",
+                   detail=f"{n} block(s) sit in fused regions that do not name their kernels (Myelin ForeignNode)")
     elif not covered:
         att.update(status="unverified", detail=f"fused in the {len(by_profile)} profile(s) the layer report covers; "
                                                f"the engine has {n_profiles}")

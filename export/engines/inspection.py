@@ -13,7 +13,7 @@ import re
 from .common import ENGINES_FORMAT_VERSION, LAYERS_FORMAT
 from .checks import run_checks
 
-# Substrings of a data-type description → the builder log's names. Order matters: BFLOAT16 before FLOAT, UINT8 before INT8.
+# Substrings of a data-type description → the builder log's names (BFLOAT16 before FLOAT, UINT8 before INT8).
 _DTYPE_TOKENS = (("FP8", "FP8"), ("E4M3", "FP8"), ("BFLOAT16", "BFloat16"), ("BF16", "BFloat16"), ("FP16", "Half"),
                  ("HALF", "Half"), ("FP32", "Float"), ("FLOAT", "Float"), ("UINT8", "UInt8"), ("INT8", "Int8"),
                  ("INT32", "Int32"), ("INT64", "Int64"), ("BOOL", "Bool"), ("E8M0", "E8M0"), ("FP4", "FP4"),

@@ -76,7 +76,8 @@ class Cuda:
         try:
             drv = self.call("cudaDriverGetVersion", self.rt.cudaDriverGetVersion())
             run = self.call("cudaRuntimeGetVersion", self.rt.cudaRuntimeGetVersion())
-            return f"the driver supports CUDA {cuda_version(int(drv))}, the CUDA runtime in use is {cuda_version(int(run))}"
+            return (f"the driver supports CUDA {cuda_version(int(drv))}, the CUDA runtime in use is "
+                    f"{cuda_version(int(run))}")
         except CudaError:
             return "versions unknown"
 
