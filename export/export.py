@@ -155,8 +155,8 @@ def exporter_fingerprint() -> str:
     if EXPORTER_VERSION was not bumped."""
     h = hashlib.sha256()
     root = Path(__file__).parent
-    # engines.py builds from the exported graphs and keeps its own build keys: not part of the graphs' source
-    for f in sorted(p for p in root.rglob("*.py") if p.name != "engines.py") + [SCHEMA]:
+    # engines/ builds from the exported graphs and keeps its own build keys: not part of the graphs' source
+    for f in sorted(p for p in root.rglob("*.py") if p.relative_to(root).parts[0] != "engines") + [SCHEMA]:
         h.update(f.relative_to(root).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()
