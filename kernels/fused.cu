@@ -279,6 +279,23 @@ bool aligned(const void* p, unsigned bytes) { return (reinterpret_cast<uintptr_t
 
 }  // namespace
 
+void preload() {
+  // Load every kernel now (session creation) rather than lazily at its first launch, which could fall inside a
+  // CUDA-graph capture. Errors are left to the launches to report.
+  cudaFuncAttributes a;
+  cudaFuncGetAttributes(&a, norm_modulate_kernel<true>);
+  cudaFuncGetAttributes(&a, norm_modulate_kernel<false>);
+  cudaFuncGetAttributes(&a, gated_residual_kernel<true, true>);
+  cudaFuncGetAttributes(&a, gated_residual_kernel<true, false>);
+  cudaFuncGetAttributes(&a, gated_residual_kernel<false, true>);
+  cudaFuncGetAttributes(&a, gated_residual_kernel<false, false>);
+  cudaFuncGetAttributes(&a, qkv_norm_rope_kernel<true>);
+  cudaFuncGetAttributes(&a, qkv_norm_rope_kernel<false>);
+  cudaFuncGetAttributes(&a, swiglu_kernel<true>);
+  cudaFuncGetAttributes(&a, swiglu_kernel<false>);
+  cudaGetLastError();
+}
+
 int ort_norm_threads_y(cudaStream_t stream, int64_t rows, int n) {
   if (const char* forced = std::getenv("IDEOGRAM4_KERNELS_NORM_THREADS_Y")) {   // for bisecting on a new build
     const int t = std::atoi(forced);

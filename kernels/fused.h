@@ -10,6 +10,9 @@ namespace i4k {
 
 typedef __nv_bfloat16 bf16;
 
+// Loads every kernel into the current device's context (called when onnxruntime creates a kernel).
+void preload();
+
 // onnxruntime's RMSNormalization (cuApplyLayerNorm) reduces a row with 32 x threads_y threads; the sums, and so
 // the bits, depend on that layout. This is its choice for `rows` rows of `n` elements on the stream's GPU.
 int ort_norm_threads_y(cudaStream_t stream, int64_t rows, int n);

@@ -187,7 +187,7 @@ OrtStatusPtr status(OrtErrorCode code, const char* op, const std::string& what) 
 template <class K>
 struct Kernel {
   K k;
-  explicit Kernel(const OrtKernelInfo* info) : k(Ort::ConstKernelInfo(info)) {}
+  explicit Kernel(const OrtKernelInfo* info) : k(Ort::ConstKernelInfo(info)) { i4k::preload(); }
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
       Ort::KernelContext ctx(context);
