@@ -1,4 +1,5 @@
-"""onnxruntime backend: CPU (`*.cpu.onnx`) or CUDA (`*.cuda.onnx`) execution provider, through IO binding.
+"""onnxruntime backend: CPU (`*.cpu.onnx`) or CUDA (`*.cuda_fused.onnx` with the project's fused-kernel library,
+else `*.cuda.onnx`) execution provider, through IO binding.
 
 Inputs and outputs are OrtValues on the provider's device: static inputs (text features, RoPE tables) are
 uploaded once per request and the sampler state never leaves the GPU between steps.
