@@ -95,16 +95,24 @@ def gemm_bound(abs_sum: np.ndarray, y_exact: np.ndarray, K: int, fast_accumulati
     return acc * abs_sum + 2.0 ** -8 * np.abs(y_exact)
 
 
-def linear_bound(x: np.ndarray, w_eff: np.ndarray, scale: np.ndarray, y_exact: np.ndarray,
+def linear_bound(abs_sum: np.ndarray, w_abs_rows: np.ndarray, scale: np.ndarray, y_exact: np.ndarray, K: int,
                  fast_accumulation: bool = False) -> np.ndarray:
-    """|W8A8 linear − x·w_effᵀ| elementwise, with w_eff the exact dequantized weight (q_w·s_w) and x the
-    bf16 activation, for clamp off: each x_k is replaced by scale·e4m3(x_k·inv), off by at most 2^-4·|x_k|
-    (+2^-21 for the two fp32 roundings of inv and of x·inv) in the normal range and scale·2^-10 below it, so
-    |Δy| ≤ (2^-4 + 2^-21)·Σ|x||w| + scale·2^-10·Σ|w| plus the GEMM's own error (`gemm_bound`)."""
-    x64, w64 = np.abs(np.asarray(x, np.float64)), np.abs(np.asarray(w_eff, np.float64))
-    s = x64 @ w64.T
-    quant = (UNIT_ROUNDOFF + 2.0 ** -21) * s + np.asarray(scale, np.float64)[..., None] * SUBNORMAL_HALF_STEP * w64.sum(1)
-    return quant + gemm_bound((1 + UNIT_ROUNDOFF) * s + quant, np.abs(y_exact) + quant, x.shape[-1], fast_accumulation)
+    """|W8A8 linear − x·w_effᵀ| elementwise, for x the bf16 activation (M, K), w_eff the exact dequantized weight
+    q_w·s_w (N, K) and clamp off, given abs_sum = |x|·|w_eff|ᵀ (M, N), w_abs_rows = Σ_k |w_eff[n, k]| (N,) and
+    the activation's token scales (M,) (the caller computes the sums in fp64 wherever it likes: numpy, a GPU).
+    Each x_k is replaced by scale·e4m3(x_k·inv), off by at most 2^-4·|x_k| (+2^-21 for the fp32 roundings of
+    inv and of x·inv) in e4m3's normal range and scale·2^-10 below it, so |Δy| ≤ (2^-4 + 2^-21)·Σ|x||w| +
+    scale·2^-10·Σ|w|, plus the GEMM's own error (`gemm_bound`) on the quantized operands."""
+    s = np.asarray(abs_sum, np.float64)
+    quant = (UNIT_ROUNDOFF + 2.0 ** -21) * s + \
+        np.asarray(scale, np.float64)[..., None] * SUBNORMAL_HALF_STEP * np.asarray(w_abs_rows, np.float64)
+    return quant + gemm_bound((1 + UNIT_ROUNDOFF) * s + quant, np.abs(y_exact) + quant, K, fast_accumulation)
+
+
+def abs_sums(x: np.ndarray, w_eff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(|x|·|w_eff|ᵀ, Σ_k |w_eff[n, k]|) in fp64 with numpy: the inputs of `linear_bound`."""
+    wa = np.abs(np.asarray(w_eff, np.float64))
+    return np.abs(np.asarray(x, np.float64)) @ wa.T, wa.sum(1)
 
 
 def rms_relative_error_range() -> tuple[float, float]:

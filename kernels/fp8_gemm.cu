@@ -205,3 +205,10 @@ void Fp8RowScaledGemm::Run(const void* xq, const float* x_scale, const void* wq,
 }
 
 }  // namespace ideogram4
+
+// For diagnostics (scripts/gpu_w8a8_check.py reads them through ctypes): the cuBLASLt version this library
+// uses (0 when it cannot be opened) and why it cannot (empty when it can).
+extern "C" __attribute__((visibility("default"))) size_t ideogram4_cublaslt_version() { return ideogram4::Lt().version; }
+extern "C" __attribute__((visibility("default"))) const char* ideogram4_cublaslt_problem() {
+  return ideogram4::Lt().problem.c_str();
+}

@@ -192,3 +192,22 @@ def test_runtime_refuses_w8a8_where_it_cannot_run(exported, tiny_engines):
         warnings.simplefilter("error")
         b = OnnxRuntimeBackend(load_manifest(out), device="cpu", components=("guided_step",))
     assert b.precision == "faithful" and b.graph_variant == "cpu"
+
+
+def test_gpu_check_script_builds_valid_graphs():
+    """scripts/gpu_w8a8_check.py runs only on the GPU machine; its graphs are checked here so a slip costs no
+    device time."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("gpu_w8a8_check", Path(__file__).parents[1] / "scripts" / "gpu_w8a8_check.py")
+    g = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(g)
+    M, K, N = 5, 32, 16
+    wq, ws, bits = np.zeros((N, K), np.uint8), np.ones(N, np.float32), np.zeros((K, N), np.int16)
+    models = [g.linear_graph(M, K, N, wq, ws), g.linear_graph(M, K, N, wq, ws, clamp=3.0, fast=True, reps=3, check=False),
+              g.quantize_graph(M, K), g.quantize_graph(M, K, quantize=False), g.quantize_graph(M, K, clamp=2.0),
+              g.baseline_graph("ort_bf16", M, K, N, wq, ws, bits, 3), g.baseline_graph("ort_fp8wo", M, K, N, wq, ws, bits, 3)]
+    for model in models:
+        onnx.checker.check_model(model)
+    ops = {n.op_type for n in models[0].graph.node}
+    assert {rw.QUANTIZE, rw.MATMUL} <= ops and g.DOMAIN == rw.DOMAIN

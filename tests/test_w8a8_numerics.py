@@ -115,7 +115,7 @@ def test_w8a8_linear_within_the_e4m3_bound(rows, n, k):
     exact = x.astype(np.float64) @ w_eff.T
     y = m.w8a8_linear(x, qw, sw)
     _, s = m.quantize_rows(x)
-    bound = m.linear_bound(x, w_eff, s, exact)
+    bound = m.linear_bound(*m.abs_sums(x, w_eff), s, exact, k)
     assert np.all(np.abs(y - exact) <= bound)
     lo, hi = m.rms_relative_error_range()
     rel = np.linalg.norm(y - exact) / np.linalg.norm(exact)
@@ -130,7 +130,7 @@ def test_bound_catches_a_missing_weight_scale():
     exact = x.astype(np.float64) @ w_eff.T
     q, s = m.quantize_rows(x)
     wrong = m.row_scaled_matmul(q, s, qw, np.ones_like(sw))
-    assert np.any(np.abs(wrong - exact) > m.linear_bound(x, w_eff, s, exact))
+    assert np.any(np.abs(wrong - exact) > m.linear_bound(*m.abs_sums(x, w_eff), s, exact, 512))
 
 
 def test_gemm_model_is_exact_up_to_bf16_rounding():
