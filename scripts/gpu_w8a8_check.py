@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from ideogram4_engine.export import w8a8_model as m
+from ideogram4_engine.export.graphs.w8a8 import DOMAIN
+from ideogram4_engine.runtime.backends.w8a8 import library_path
 
-LIB = Path(os.environ.get("IDEOGRAM4_W8A8_LIBRARY") or
-           Path(__file__).resolve().parents[1] / "build" / "kernels" / "libideogram4_w8a8.so")
-DOMAIN = "ideogram4.w8a8"
+LIB = library_path()
 M_DIT = 4170                       # 1024²: 4096 image tokens + a 74-token prompt (dit_cond)
 DIT = {"qkv": (13824, 4608), "o": (4608, 4608), "w1,w3": (12288, 4608), "w2": (4608, 12288)}    # (N, K)
 ODD = [(1, 4608, 4608), (77, 48, 80), (4171, 16, 12288), (3, 13824, 4608)]                       # (M, N, K)
