@@ -18,6 +18,8 @@ ATTENTION ?= op
 
 .PHONY: run reference test checkpoint export engines clean kernels
 
+include kernels/w8a8.mk
+
 ENGINES ?= engines/$(notdir $(abspath $(CHECKPOINT)))
 BACKEND ?= auto
 
@@ -44,7 +46,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[build,ort-cpu,test,trt-rtx]'
 	touch $@
 
-test: $(BIN)/.installed kernels
+test: $(BIN)/.installed kernels $(W8A8_LIB)
 	$(BIN)/python -m pytest -q
 
 # The fused CUDA kernels for onnxruntime's CUDA provider (kernels/, docs/runtime.md): nvcc 13 and network to
@@ -81,4 +83,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python scripts/bench.py report --root $(BENCH_ROOT)
 
 clean:
-	rm -rf $(VENV) checkpoints engines/*/
+	rm -rf $(VENV) checkpoints engines/*/ build/kernels
