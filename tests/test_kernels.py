@@ -5,6 +5,7 @@ The kernels themselves run on a GPU: scripts/gpu_kernel_check.py (gpu_bench.sh s
 from __future__ import annotations
 
 import ctypes
+import re
 import sys
 import warnings
 import zlib
@@ -76,38 +77,57 @@ def test_check_names_the_file_and_the_compute_capability(monkeypatch, tmp_path):
     assert not kernels.runs_on([(9, 0)], (10, 0)) and not kernels.runs_on([(12, 1)], (12, 0))
 
 
-def _backend(manifest, device_ids=(0,)):
-    """The backend's variant choice without a CUDA provider: the object is created bare and only the state its
-    `_kernels` step reads is set."""
+def _backend(manifest, device_ids=(0,), variant="cuda"):
+    """The backend's choice of graphs without a CUDA provider: the object is created bare and only the state its
+    `_plan` step reads is set."""
     b = object.__new__(OnnxRuntimeBackend)
-    b.manifest, b.graph_variant, b.devices = manifest, "cuda", {"dit_cond": device_ids[0], "dit_uncond": device_ids[-1]}
+    b.manifest, b.graph_variant, b.devices = manifest, variant, {"dit_cond": device_ids[0], "dit_uncond": device_ids[-1]}
     return b
+
+
+def _plan(manifest, wanted=None, library=str(LIB), precision="faithful", variant="cuda"):
+    return [(v, p, lib is not None) for v, p, lib in _backend(manifest, variant=variant)._plan(wanted, library, precision)]
 
 
 def test_backend_uses_the_fused_graphs_only_when_the_library_can_serve_the_gpu(tiny_engines, monkeypatch, tmp_path):
     m = load_manifest(tiny_engines)
     monkeypatch.delenv(kernels.SWITCH_ENV, raising=False)
     monkeypatch.setattr(kernels, "compute_capability", lambda d: (9, 0))
-    b = _backend(m)
-    assert b._kernels(None, str(LIB)) == LIB and b.graph_variant == "cuda_fused"
-    b = _backend(m)
-    b.graph_variant = "cuda_dql"
-    assert b._kernels(None, str(LIB)) == LIB and b.graph_variant == "cuda_fused_dql"
-    b = _backend(m)
-    assert b._kernels(False, str(LIB)) is None and b.graph_variant == "cuda"
+    assert _plan(m) == [("cuda_fused", "faithful", True), ("cuda", "faithful", False)]
+    assert _plan(m, variant="cuda_dql") == [("cuda_fused_dql", "faithful", True), ("cuda_dql", "faithful", False)]
+    assert _plan(m, wanted=True) == [("cuda_fused", "faithful", True)]
+    assert _plan(m, wanted=False) == [("cuda", "faithful", False)]
     monkeypatch.setenv(kernels.SWITCH_ENV, "0")
-    assert b._kernels(None, str(LIB)) is None and b.graph_variant == "cuda"
+    assert _plan(m) == [("cuda", "faithful", False)]
     monkeypatch.delenv(kernels.SWITCH_ENV)
     with pytest.warns(FusedKernelsOff, match=r"missing\.so not found.*compute capability 9\.0.*stock CUDA graphs"):
-        assert b._kernels(None, str(tmp_path / "missing.so")) is None
-    assert b.graph_variant == "cuda"
+        assert _plan(m, library=str(tmp_path / "missing.so")) == [("cuda", "faithful", False)]
     with pytest.raises(BackendUnavailable, match="missing.so not found"):
-        b._kernels(True, str(tmp_path / "missing.so"))
+        _plan(m, wanted=True, library=str(tmp_path / "missing.so"))
     monkeypatch.setattr(kernels, "compute_capability", lambda d: (8, 0))
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        assert b._kernels(None, str(LIB)) is None
+        assert _plan(m) == [("cuda", "faithful", False)]
     assert len(seen) == 1 and "compute capability 8.0" in str(seen[0].message)
+
+
+def test_backend_plans_w8a8_on_the_fused_graphs_first(tiny_w8a8_engines, tiny_engines, monkeypatch, tmp_path):
+    """precision w8a8: cuda_fused_w8a8, then cuda_w8a8, then the faithful graphs; without the fused kernels
+    (False, or an export without cuda_fused_w8a8) cuda_w8a8 first; a library that cannot serve the GPU leaves
+    one warning and the faithful stock graphs."""
+    m = load_manifest(tiny_w8a8_engines)
+    monkeypatch.delenv(kernels.SWITCH_ENV, raising=False)
+    monkeypatch.setattr(kernels, "compute_capability", lambda d: (9, 0))
+    assert _plan(m, precision="w8a8") == [("cuda_fused_w8a8", "w8a8", True), ("cuda_w8a8", "w8a8", True),
+                                          ("cuda_fused", "faithful", True), ("cuda", "faithful", False)]
+    assert _plan(m, precision="w8a8", wanted=False) == [("cuda_w8a8", "w8a8", True), ("cuda", "faithful", False)]
+    assert _plan(m, precision="w8a8", wanted=True) == [("cuda_fused_w8a8", "w8a8", True), ("cuda_fused", "faithful", True)]
+    with pytest.raises(BackendUnavailable, match="no fused CUDA graphs for precision w8a8"):
+        _plan(load_manifest(tiny_engines), precision="w8a8", wanted=True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert _plan(m, precision="w8a8", library=str(tmp_path / "gone.so")) == [("cuda", "faithful", False)]
+    assert len(seen) == 1 and re.search(r"precision w8a8 is unavailable here: .*gone\.so not found", str(seen[0].message))
 
 
 # ------------------------------------------------------------------------------------------------ the rewrite
@@ -151,6 +171,7 @@ def test_rewrite_leaves_graphs_without_patterns_sharing_their_twins_file(tiny_en
     assert fused_ops(te) == {"SwiGLU": m.raw["model"]["text_encoder"]["num_hidden_layers"]}
     assert m.raw["kernels"]["variants"] == {"cuda": "cuda_fused", "cuda_dql": "cuda_fused_dql"}
     assert m.raw["kernels"]["library"] == kernels.LIBRARY_NAME and m.raw["kernels"]["ops"] == list(OPS)
+    assert m.raw["kernels"]["domain"] == kernels.DOMAIN
 
 
 @pytest.mark.parametrize("op", checks.OPS)

@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 
 from .. import kernels
-from ..manifest import FUSED, LOAD_DEQUANTIZED
-from . import w8a8
+from ..manifest import LOAD_DEQUANTIZED
 from .base import BackendUnavailable
 
 VARIANT = {"cpu": "cpu", "cuda": "cuda"}
@@ -59,9 +58,12 @@ class OnnxRuntimeBackend:
         variable IDEOGRAM4_FUSED_KERNELS=0 also turns them off); True requires them (BackendUnavailable
         otherwise); False runs the stock graphs (A/B). kernels_library: the library's path (default:
         $IDEOGRAM4_KERNELS_LIBRARY, else the checkout's build/kernels/libideogram4_kernels.so).
-        precision="w8a8" (CUDA, opt-in; numerics change): the manifest's cuda_w8a8 graphs, whose DiT block linears
-        run with FP8 activations through the project's op library (backends/w8a8.py). If the library cannot run
-        here, a warning says why and the faithful graphs run; `self.precision` says which did."""
+        precision="w8a8" (CUDA, opt-in; numerics change): the DiT block linears run with FP8 activations through
+        the W8A8 ops of the same library — the cuda_fused_w8a8 graphs (fused ops, the quantization inside the
+        producing kernels) when the fused graphs would run, else cuda_w8a8. If the library cannot run here, one
+        warning says why and the faithful graphs run; `self.precision` and `self.graph_variant` say what did.
+        Graphs are tried in that order of preference; one the library fails to load (warning) gives way to the
+        next, down to the stock cuda graphs."""
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -71,8 +73,8 @@ class OnnxRuntimeBackend:
                                      f"(available: {', '.join(ort.get_available_providers())})")
         if uncond_device_id is not None and device != "cuda":
             raise ValueError("uncond_device_id needs the CUDA provider (onnxruntime-cuda)")
-        if precision not in w8a8.PRECISIONS:
-            raise ValueError(f"precision={precision!r}; allowed: {', '.join(w8a8.PRECISIONS)}")
+        if precision not in kernels.PRECISIONS:
+            raise ValueError(f"precision={precision!r}; allowed: {', '.join(kernels.PRECISIONS)}")
         if precision == "w8a8" and (device != "cuda" or dequantize_at_load or "w8a8" not in manifest.precisions):
             raise ValueError("precision='w8a8' " + ("needs the CUDA provider (onnxruntime-cuda)" if device != "cuda" else
                              "multiplies the stored e4m3 weights: it cannot be combined with dequantize_at_load"
@@ -93,18 +95,19 @@ class OnnxRuntimeBackend:
         if shared_arena:
             for dev in sorted(set(self.devices.values())):
                 _register_shared_arena(ort, device, dev, arena_extend_strategy or "kSameAsRequested")
-        self.kernels_library = self._kernels(fused_kernels, kernels_library) if device == "cuda" else None
-        self._opts = self._options(shared_arena)
-        self.precision = precision
-        try:
-            self.sessions = self._sessions(names, shared_arena)
-        except BackendUnavailable as e:
-            if self.kernels_library is None or fused_kernels:
-                raise
-            _warn_fused_off(f"{e}")        # e.g. a library this onnxruntime refuses: the stock graphs still run
-            self.kernels_library, self.graph_variant = None, self.graph_variant.replace(FUSED, "")
+        self.precision, self.kernels_library = "faithful", None
+        plan = self._plan(fused_kernels, kernels_library, precision) if device == "cuda" else \
+            [(self.graph_variant, "faithful", None)]
+        for i, (variant, prec, lib) in enumerate(plan):
+            self.graph_variant, self.precision, self.kernels_library = variant, prec, lib
             self._opts = self._options(shared_arena)
-            self.sessions = self._sessions(names, shared_arena)
+            try:
+                self.sessions = self._sessions(names)
+                break
+            except BackendUnavailable as e:
+                if lib is None or i + 1 == len(plan):
+                    raise
+                _warn(f"the {variant} graphs did not load ({e}); running the {plan[i + 1][0]} graphs instead")
         self._outputs = {c: [o.name for o in s.get_outputs()] for c, s in self.sessions.items()}
         self._weights: dict[str, Any] = {}      # component -> IO binding holding its bf16 weights
         self._keep: list = []                   # dequantization sessions: their arenas hold the weights
@@ -118,26 +121,37 @@ class OnnxRuntimeBackend:
             from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ort-cfg")
 
-    def _kernels(self, wanted: bool | None, library: str | None):
-        """The fused-kernel library's path when the fused graphs are to run (and graph_variant set to them), else
-        None; one warning when the export has fused graphs but the library cannot serve these GPUs."""
-        fused = self.manifest.fused_variant(self.graph_variant)
-        if wanted is False or (wanted is None and kernels.switched_off()):
-            return None
-        if fused is None:
-            if wanted:
-                raise BackendUnavailable(f"{self.manifest.path} has no fused CUDA graphs (exported before they "
-                                         "existed): re-run `make export`")
-            return None
-        try:
-            path = kernels.check(library, self.devices.values())
-        except kernels.KernelsUnavailable as e:
-            if wanted:
-                raise BackendUnavailable(str(e)) from None
-            _warn_fused_off(str(e))
-            return None
-        self.graph_variant = fused
-        return path
+    def _plan(self, wanted: bool | None, library: str | None, precision: str) -> list[tuple[str, str, Any]]:
+        """The graphs to try, best first, as (variant, precision, library path or None); one warning when the
+        library cannot serve these GPUs and graphs that need it were asked for or would be the default."""
+        base, m = self.graph_variant, self.manifest
+        fused_ok = wanted is not False and not (wanted is None and kernels.switched_off())
+        fused, fused_w8a8 = m.fused_variant(base), m.fused_variant(kernels.W8A8_VARIANT)
+        if wanted and (fused_w8a8 if precision == "w8a8" else fused) is None:
+            raise BackendUnavailable(f"{m.path} has no fused CUDA graphs{' for precision w8a8' if precision == 'w8a8' else ''}"
+                                     " (exported before they existed): re-run `make export`")
+        lib, problem = None, None
+        if precision == "w8a8" or (fused_ok and fused is not None):
+            try:
+                lib = kernels.check(library, self.devices.values())
+            except kernels.KernelsUnavailable as e:
+                if wanted:
+                    raise BackendUnavailable(str(e)) from None
+                problem = str(e)
+        plan = []
+        if lib is not None:
+            if precision == "w8a8":
+                plan += [(fused_w8a8, "w8a8", lib)] if fused_ok and fused_w8a8 else []
+                plan += [] if wanted else [(kernels.W8A8_VARIANT, "w8a8", lib)]
+            if fused_ok and fused is not None:
+                plan.append((fused, "faithful", lib))
+        if problem is not None:
+            _warn(f"fused CUDA kernels off: {problem}; running the stock CUDA graphs" if precision == "faithful" else
+                  f"precision w8a8 is unavailable here: {problem}; running the faithful stock CUDA graphs")
+        return plan if wanted else plan + [(base, "faithful", None)]
+
+    def _sessions(self, names) -> dict:
+        return {c: self._session(self.manifest.graph_path(c, self.graph_variant), self.devices[c]) for c in names}
 
     def _options(self, shared_arena: bool):
         opts = self.ort.SessionOptions()
@@ -153,25 +167,6 @@ class OnnxRuntimeBackend:
         if shared_arena:
             opts.add_session_config_entry("session.use_env_allocators", "1")
         return opts
-
-    def _sessions(self, names, shared_arena: bool) -> dict:
-        """One session per component; for precision w8a8 with the op library, or the faithful graphs and a
-        warning when the library cannot run here."""
-        if self.precision == "w8a8":
-            problem = w8a8.register(self._opts)
-            if problem is None:
-                try:
-                    sessions = {c: self._session(self.manifest.graph_path(c, w8a8.VARIANT), self.devices[c]) for c in names}
-                    self.graph_variant = w8a8.VARIANT
-                    return sessions
-                except BackendUnavailable as e:
-                    if not w8a8.is_library_failure(str(e)):
-                        raise
-                    problem = f"{w8a8.library_path().name}: {e}"
-            warnings.warn(f"precision w8a8 is unavailable here, running the faithful graphs: {problem}", RuntimeWarning,
-                          stacklevel=4)
-            self.precision, self._opts = "faithful", self._options(shared_arena)
-        return {c: self._session(self.manifest.graph_path(c, self.graph_variant), self.devices[c]) for c in names}
 
     def _session(self, path, device_id: int, arena: str | None = None, opts=None):
         ort = self.ort
@@ -288,12 +283,11 @@ class OnnxRuntimeBackend:
 
 
 class FusedKernelsOff(RuntimeWarning):
-    """The fused CUDA graphs could not be used; the stock CUDA graphs run instead."""
+    """The op library's graphs (fused, W8A8) could not be used; the message says why and what runs instead."""
 
 
-def _warn_fused_off(why: str) -> None:
-    import warnings
-    warnings.warn(f"fused CUDA kernels off: {why}; running the stock CUDA graphs", FusedKernelsOff, stacklevel=4)
+def _warn(message: str) -> None:
+    warnings.warn(message, FusedKernelsOff, stacklevel=4)
 
 
 _SHARED_ARENAS: set[tuple[str, int]] = set()     # (provider device, device id) registered in this process
