@@ -244,6 +244,7 @@ def load_text_encoder(te_folder: str | Path, device: str = "cpu", attn_implement
     te_folder = Path(te_folder)
     config = load_text_encoder_config(te_folder)
     files = component_files(te_folder, COMPONENTS["text_encoder"])
-    wanted = [k for k in files.header if not is_ignored_key(k)]
+    names = text_encoder_inventory(config.text_config, fp8=True)     # names only: the same for a bf16 encoder
+    wanted = [k for k in files.header if k in names or k.endswith("_scale") and k[: -len("_scale")] in names]
     return build_text_encoder(config, load_tensors(files, str(device), wanted).items(), device,
                               attn_implementation)
