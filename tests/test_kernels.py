@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from ideogram4_engine.export import w8a8_model
 from ideogram4_engine.export.graphs.fuse import DOMAIN, OPS, fused_kernels, fused_ops
 from ideogram4_engine.export.graphs.rewrite import bf16_to_fp32_emulation
 from ideogram4_engine.runtime import kernels
@@ -180,6 +181,49 @@ def test_each_subgraph_becomes_exactly_its_op(op):
     fused = fused_kernels(checks.subgraph(op, checks.random_gains(op, rng, 64, 16), heads=2, head_dim=16))
     assert fused_ops(fused) == {op: 1}
     assert {n.op_type for n in fused.graph.node if n.domain != DOMAIN} <= {"Cast", "Unsqueeze", "Mul"}
+
+
+@pytest.mark.parametrize("op", checks.OPS + checks.FP8_OPS)
+def test_gpu_check_graphs(op):
+    """What scripts/gpu_kernel_check.py runs: the stock cuda twin (with Fp8QuantizeRows for the quantizing ops)
+    becomes exactly the op, and the bf16-boundary timing graphs keep only it (and QkvNormRope's table prep)."""
+    rng = np.random.default_rng(1)
+    stock = checks.stock(op, checks.random_gains(op, rng, 64, 16), heads=2, head_dim=16)
+    fused = checks.fused(stock)
+    assert fused_ops(fused) == {op: 1}
+    assert [o.name for o in fused.graph.output] == [o.name for o in stock.graph.output]
+    for model in (stock, fused):
+        onnx.checker.check_model(model)
+        timing = checks.bf16_io(model)
+        onnx.checker.check_model(timing)
+        assert all(i.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for i in timing.graph.input)
+        assert {o.type.tensor_type.elem_type for o in timing.graph.output} <= {
+            onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT}
+    assert not {"Cast", "DequantizeLinear"} & {n.op_type for n in checks.bf16_io(fused).graph.node}
+    if op in checks.FP8_OPS:
+        assert [n.op_type for n in stock.graph.node if n.domain == DOMAIN] == ["Fp8QuantizeRows"]
+        assert [o.name for o in fused.graph.output][-2:] == ["y", "y_scale"]
+
+
+@pytest.mark.parametrize("op", checks.FP8_OPS)
+def test_numpy_model_of_the_quantizing_ops(op):
+    """The quantizing ops' model is Fp8QuantizeRows' model (export/w8a8_model) of the base op's y: on the cpu
+    twin's y (which agrees with the base model on >= 99 % of the values) the e4m3 codes agree on >= 99 % too,
+    and every row scale is amax/448 of the modelled y."""
+    rng = np.random.default_rng(zlib.crc32(op.encode()))
+    base = checks.base_op(op)
+    dims = CASES[base]
+    gains = checks.random_gains(op, rng, dims.get("width", 512))
+    inputs = checks.random_inputs(op, rng, **dims)
+    want = checks.numpy_model(op, inputs, gains)
+    cpu = bf16_to_fp32_emulation(checks.subgraph(base, gains))
+    sess = ort.InferenceSession(cpu.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, inputs)))["y"]
+    codes, scale = w8a8_model.quantize_rows(checks.bf(y))
+    assert (w8a8_model.e4m3_decode(codes).reshape(want["y"].shape) == want["y"]).mean() >= 0.99
+    base_y = checks.numpy_model(base, inputs, gains)["y"]
+    assert np.array_equal(want["y_scale"], (np.abs(base_y).max(-1) / np.float32(448)).astype(np.float32))
+    assert want["y_scale"].shape == base_y.shape[:-1] and np.all(want["y_scale"] > 0)
 
 
 # ------------------------------------------------------------------------------------------------ semantics
