@@ -23,10 +23,12 @@ import numpy as np
 from .. import kernels
 from ..manifest import LOAD_DEQUANTIZED
 from .base import BackendUnavailable
+from .cuda_graphs import GraphRunner
 
 VARIANT = {"cpu": "cpu", "cuda": "cuda"}
 FP8_MATMUL = "MatMulBlockQuantizedFp8Weight"     # the contrib op of the cuda graphs (export/graphs/rewrite.py)
 PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+GRAPH_COMPONENTS = ("dit_cond", "dit_uncond")     # captured with cuda_graph=True (one call per step each)
 
 
 class OnnxRuntimeBackend:
@@ -35,7 +37,7 @@ class OnnxRuntimeBackend:
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
                  uncond_device_id: int | None = None, shared_arena: bool = True,
                  fused_kernels: bool | None = None, kernels_library: str | None = None,
-                 precision: str = "faithful"):
+                 precision: str = "faithful", cuda_graph: bool = False):
         """Constant folding is on for CUDA (it computes the FP8 MatMuls' fp32 row scales once; no DequantizeLinear
         of an initializer is left in those graphs) and off for the CPU, whose twin dequantizes every e4m3 weight
         per run and would otherwise hold them all as fp32.
@@ -63,7 +65,10 @@ class OnnxRuntimeBackend:
         producing kernels) when the fused graphs would run, else cuda_w8a8. If the library cannot run here, one
         warning says why and the faithful graphs run; `self.precision` and `self.graph_variant` say what did.
         Graphs are tried in that order of preference; one the library fails to load (warning) gives way to the
-        next, down to the stock cuda graphs."""
+        next, down to the stock cuda graphs.
+        cuda_graph=True (CUDA, opt-in): the DiT sessions replay onnxruntime CUDA graphs, one per input-shape set
+        (backends/cuda_graphs.py: fixed-address IO buffers, their own arenas, so more memory); a capture that fails
+        costs one CudaGraphOff warning and that DiT runs without capture."""
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -80,6 +85,9 @@ class OnnxRuntimeBackend:
                              "multiplies the stored e4m3 weights: it cannot be combined with dequantize_at_load"
                              if dequantize_at_load else f"needs W8A8 graphs, which {manifest.path} lacks: re-export "
                              "with `--precision w8a8`"))
+        if cuda_graph and (device != "cuda" or dequantize_at_load):
+            raise ValueError("cuda_graph=True " + ("needs the CUDA provider (onnxruntime-cuda)" if device != "cuda" else
+                             "cannot be combined with dequantize_at_load (its weights are bound per session)"))
         if arena_extend_strategy is not None and arena_extend_strategy not in _STRATEGY:
             raise ValueError(f"arena_extend_strategy={arena_extend_strategy!r}; allowed: kNextPowerOfTwo, "
                              "kSameAsRequested")
@@ -96,6 +104,9 @@ class OnnxRuntimeBackend:
             for dev in sorted(set(self.devices.values())):
                 _register_shared_arena(ort, device, dev, arena_extend_strategy or "kSameAsRequested")
         self.precision, self.kernels_library = "faithful", None
+        self._graph_components = GRAPH_COMPONENTS if cuda_graph else ()
+        self._shared_arena = shared_arena
+        self._runners: dict[str, GraphRunner] = {}
         plan = self._plan(fused_kernels, kernels_library, precision) if device == "cuda" else \
             [(self.graph_variant, "faithful", None)]
         for i, (variant, prec, lib) in enumerate(plan):
@@ -151,7 +162,19 @@ class OnnxRuntimeBackend:
         return plan if wanted else plan + [(base, "faithful", None)]
 
     def _sessions(self, names) -> dict:
-        return {c: self._session(self.manifest.graph_path(c, self.graph_variant), self.devices[c]) for c in names}
+        self._runners = {}
+        out = {}
+        for c in names:
+            path, dev = self.manifest.graph_path(c, self.graph_variant), self.devices[c]
+            if c in self._graph_components:
+                def make(graph: bool, path=path, dev=dev):
+                    return self._session(path, dev, cuda_graph=graph,
+                                         opts=self._options(self._shared_arena and not graph))
+                self._runners[c] = GraphRunner(self.ort, c, dev, make, lambda sess, inputs, c=c: self._run(c, sess, inputs))
+                out[c] = self._runners[c].session
+            else:
+                out[c] = self._session(path, dev)
+        return out
 
     def _options(self, shared_arena: bool):
         opts = self.ort.SessionOptions()
@@ -168,9 +191,10 @@ class OnnxRuntimeBackend:
             opts.add_session_config_entry("session.use_env_allocators", "1")
         return opts
 
-    def _session(self, path, device_id: int, arena: str | None = None, opts=None):
+    def _session(self, path, device_id: int, arena: str | None = None, opts=None, cuda_graph: bool = False):
         ort = self.ort
-        cuda_opts = {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC"}
+        cuda_opts = {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC",
+                     **({"enable_cuda_graph": "1"} if cuda_graph else {})}
         if arena or self._arena:
             cuda_opts["arena_extend_strategy"] = arena or self._arena
         providers = [(PROVIDER[self.device], cuda_opts)] if self.device == "cuda" else [PROVIDER[self.device]]
@@ -262,7 +286,14 @@ class OnnxRuntimeBackend:
         return value
 
     def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]:
-        sess = self.sessions[component]
+        runner = self._runners.get(component)
+        if runner is not None:
+            out = runner.run({k: self._on(v, component) for k, v in inputs.items()})
+            self.sessions[component] = runner.session        # a new one after a failed capture
+            return out
+        return self._run(component, self.sessions[component], inputs)
+
+    def _run(self, component: str, sess, inputs: dict[str, Any]) -> dict[str, Any]:
         dev = self.devices.get(component, self.device_id)
         binding = self._weights.get(component) or sess.io_binding()
         binding.clear_binding_outputs()        # a kept binding would otherwise write into the last outputs
