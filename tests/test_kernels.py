@@ -258,3 +258,28 @@ def test_numpy_model_matches_the_unfused_subgraph_on_the_cpu(op):
         assert np.all(np.isfinite(w)) and w.std() > 0
         assert (d > 0).mean() <= 0.01, f"{op}.{name}: {(d > 0).mean():.4%} differ"
         assert np.all((d <= 1) | (np.abs(g - w) <= rms * 2.0**-7)), f"{op}.{name}: {np.abs(g - w).max()} off"
+
+
+# ------------------------------------------------------------------------------------------------ CUDA graphs
+
+def test_cuda_graph_option_is_refused_where_it_cannot_run(tiny_engines):
+    m = load_manifest(tiny_engines)
+    with pytest.raises(ValueError, match="cuda_graph=True needs the CUDA provider"):
+        OnnxRuntimeBackend(m, device="cpu", cuda_graph=True)
+
+
+def test_cuda_graph_copy_model_is_a_valid_identity():
+    """The copy graph the CUDA-graph runner moves inputs and outputs with (hand-written protobuf: the runtime does
+    not depend on onnx) is valid ONNX and copies each input exactly, whatever its shape."""
+    from ideogram4_engine.runtime.backends.cuda_graphs import identity_model
+    types = ("tensor(float)", "tensor(int64)", "tensor(float)")
+    model = onnx.load_from_string(identity_model(types))
+    assert [n.op_type for n in model.graph.node] == ["Identity"] * 3 and model.opset_import[0].version == 17
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(identity_model(types), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    feeds = {"x0": rng.standard_normal((2, 7, 3)).astype(np.float32), "x1": rng.integers(-9, 9, 5),
+             "x2": np.array([np.nan, -0.0, 1e-45], np.float32)}
+    for got, (name, want) in zip(sess.run(None, feeds), feeds.items()):
+        assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8)), name
