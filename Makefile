@@ -18,8 +18,6 @@ ATTENTION ?= op
 
 .PHONY: run reference test checkpoint export engines clean kernels
 
-include kernels/w8a8.mk
-
 ENGINES ?= engines/$(notdir $(abspath $(CHECKPOINT)))
 BACKEND ?= auto
 
@@ -46,15 +44,15 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[build,ort-cpu,test,trt-rtx]'
 	touch $@
 
-test: $(BIN)/.installed kernels $(W8A8_LIB)
+test: $(BIN)/.installed kernels
 	$(BIN)/python -m pytest -q
 
-# The fused CUDA kernels for onnxruntime's CUDA provider (kernels/, docs/runtime.md): nvcc 13 and network to
-# Debian once (onnxruntime's API headers are cached under build/). ARCHES="90" builds for Hopper only.
+# The op library for onnxruntime's CUDA provider (kernels/: fused kernels + W8A8, docs/runtime.md): nvcc 13 and
+# network once (onnxruntime's and cuBLASLt's headers are cached under build/include). ARCHES="90": Hopper only.
 KERNELS_LIB := build/kernels/libideogram4_kernels.so
 kernels: $(KERNELS_LIB)
-$(KERNELS_LIB): kernels/build.sh kernels/fused.h kernels/fused.cu kernels/ort_ops.cu
-	bash kernels/build.sh
+$(KERNELS_LIB): kernels/build.sh kernels/fetch_headers.sh $(wildcard kernels/*.cu kernels/*.cuh kernels/*.h) | $(BIN)/.installed
+	PIP="$(abspath $(BIN))/pip" bash kernels/build.sh
 
 checkpoint: $(BIN)/.installed
 	$(BIN)/python -m ideogram4_engine.export.synthetic --config $(CONFIG) --out $(call given,OUT,checkpoints/$(CONFIG)) --seed $(SEED)

@@ -36,7 +36,7 @@ from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
 from .graphs.rewrite import (bf16_to_fp32_emulation, cpu_dequantized_at_load, cuda_dequantized_at_load, for_cuda,
                              fp8_weights)
 from .graphs.fuse import cuda_fused_dequantized_at_load, for_cuda_fused, kernels_section
-from .graphs.w8a8 import for_cuda_w8a8
+from .graphs.w8a8 import for_cuda_fused_w8a8, for_cuda_w8a8
 from .inventory import scale_name
 
 EXPORTER_VERSION = 10         # bump whenever the graphs an unchanged checkpoint exports would change (9: cuda_fused twins; 10: bf16 MRoPE table)
@@ -45,7 +45,7 @@ SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond
           "vae_decoder": "vae"}
 WEIGHT_MODES = ("fp8", "keep")
 PRECISIONS = ("faithful", "w8a8")       # w8a8: also the cuda_w8a8 twins (FP8 activations; numerics change)
-PRECISION_VARIANTS = {"faithful": {}, "w8a8": {"cuda_w8a8": for_cuda_w8a8}}
+PRECISION_VARIANTS = {"faithful": {}, "w8a8": {"cuda_w8a8": for_cuda_w8a8, "cuda_fused_w8a8": for_cuda_fused_w8a8}}
 SCHEMA = Path(__file__).with_name("manifest.schema.json")
 VARIANTS = {"cuda": for_cuda, "cpu": bf16_to_fp32_emulation,       # graph file suffix -> rewrite of the bf16 graph
             "cuda" + LOAD_DEQUANTIZED: cuda_dequantized_at_load, "cpu" + LOAD_DEQUANTIZED: cpu_dequantized_at_load,
@@ -62,9 +62,10 @@ GRAPH_USE = {"bf16": "canonical bf16 graph: TensorRT / TensorRT-RTX engines are 
                            "rotation, SiLU-up) as the ideogram4 fused CUDA ops of the kernels library (see `kernels`)",
              "cuda_fused_dql": "the cuda_dql twin with the same fused ops",
              "cuda_w8a8": "opt-in (`--precision w8a8`): the cuda twin with the DiT blocks' linears as W8A8 — per-token "
-                          "e4m3 activations x the stored e4m3 weights on FP8 tensor cores (custom ops of domain "
-                          "ideogram4.w8a8, build/kernels/libideogram4_w8a8.so); numerics differ from the faithful "
-                          "graphs"}
+                          "e4m3 activations x the stored e4m3 weights on FP8 tensor cores (ideogram4 ops of the kernels "
+                          "library, see `kernels`); numerics differ from the faithful graphs",
+             "cuda_fused_w8a8": "opt-in (`--precision w8a8`): the cuda_fused twin with the same W8A8 linears, the "
+                                "per-token quantization inside the fused kernels that produce the activations"}
 
 
 @dataclass(frozen=True)
@@ -337,7 +338,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
             **_static_sections(ckpt),
             "components": components,
         }
-        manifest["kernels"] = kernels_section()
+        manifest["kernels"] = kernels_section(opts.precision)
         if engines:
             manifest["engines"] = engines
         validate_manifest(manifest)

@@ -6,6 +6,12 @@
   the cpu twin computes.
 * `numpy_model(op, ...)`: the op's semantics in numpy, with the reductions in onnxruntime-CUDA's order
   (kernels/fused.cu) and only 1/sqrt correctly rounded where CUDA's rsqrtf may differ by an fp32 ulp.
+* The quantizing ops (`FP8_OPS`, the cuda_fused_w8a8 graphs' producers) replace their base op followed by the
+  standalone Fp8QuantizeRows: `stock(op)` is the cuda twin of the base subgraph with that quantizer appended
+  (its e4m3 codes read back through an exact DequantizeLinear), `fused(stock)` the rewrite the export applies;
+  their numpy model is export/w8a8_model.quantize_rows of the base op's bf16 output.
+* `bf16_io(model)`: the same graph without its fp32 boundary Casts (bf16 / e4m3 in and out), for timing the
+  kernels rather than the casts around them.
 """
 from __future__ import annotations
 
@@ -13,11 +19,21 @@ import ml_dtypes
 import numpy as np
 import onnx
 import torch
+from onnx import TensorProto, helper
 
+from ideogram4_engine.export import w8a8_model
 from ideogram4_engine.export.graphs.builder import F32, GraphBuilder
+from ideogram4_engine.export.graphs.fuse import DOMAIN as FUSE_DOMAIN, fused_kernels
 from ideogram4_engine.export.graphs.layers import apply_rope, rms_norm, signed_sin, silu, to_bf16
+from ideogram4_engine.export.graphs.rewrite import for_cuda
+from ideogram4_engine.export.graphs.w8a8 import fused_quantization
 
 OPS = ("NormModulate", "GatedResidual", "GatedResidualModulate", "QkvNormRope", "SwiGLU")
+FP8_OPS = ("NormModulateFp8", "GatedResidualModulateFp8", "SwiGLUFp8")      # quantize the base op's `y`
+
+
+def base_op(op: str) -> str:
+    return op[:-3] if op in FP8_OPS else op
 EPS, QK_EPS = 1e-5, 1e-5
 
 
@@ -36,6 +52,7 @@ def ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ inputs
 
 def shapes(op: str, batch: int, tokens: int, width: int, heads: int = 2, head_dim: int = 256) -> dict:
+    op = base_op(op)
     D = heads * head_dim if op == "QkvNormRope" else width
     if op == "NormModulate":
         return {"x": (batch, tokens, D), "scale": (batch, 1, D)}
@@ -63,6 +80,7 @@ def random_inputs(op: str, rng: np.random.Generator, **dims) -> dict[str, np.nda
 
 
 def random_gains(op: str, rng: np.random.Generator, width: int, head_dim: int = 256) -> dict[str, torch.Tensor]:
+    op = base_op(op)
     n = head_dim if op == "QkvNormRope" else width
     names = {"NormModulate": ["gain"], "GatedResidual": ["gain"], "GatedResidualModulate": ["gain", "gain2"],
              "QkvNormRope": ["gain_q", "gain_k"], "SwiGLU": []}[op]
@@ -77,6 +95,72 @@ class _Gains:
 
     def get(self, name: str) -> torch.Tensor:
         return self.gains[name]
+
+
+def stock(op: str, gains: dict[str, torch.Tensor], heads: int = 2, head_dim: int = 256) -> onnx.ModelProto:
+    """The cuda twin of `op`'s op-by-op form (for an FP8_OPS op: its base op's, then Fp8QuantizeRows of `y`)."""
+    model = for_cuda(subgraph(base_op(op), gains, heads, head_dim))
+    return _quantized(model, "y") if op in FP8_OPS else model
+
+
+def fused(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What the export makes of a `stock` graph: the fused ops, then the quantization folded into them."""
+    return fused_quantization(fused_kernels(model))
+
+
+def _quantized(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """`model` with its fp32 output `name` (a Cast of a bf16 value v) replaced by Fp8QuantizeRows(v): output `name`
+    = the e4m3 codes as fp32 (exact DequantizeLinear), output `name`_scale = the row scales."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    cast = next(n for n in out.graph.node if list(n.output) == [name])
+    v = cast.input[0]
+    out.graph.node.remove(cast)
+    one = onnx.numpy_helper.from_array(np.array(1.0, np.float32), f"{name}__one")
+    out.graph.initializer.append(one)
+    out.graph.node.extend([
+        helper.make_node("Fp8QuantizeRows", [v], [f"{name}__e4m3", f"{name}_scale"], domain=FUSE_DOMAIN),
+        helper.make_node("DequantizeLinear", [f"{name}__e4m3", one.name], [name])])
+    rank = len(next(o for o in out.graph.output if o.name == name).type.tensor_type.shape.dim)
+    out.graph.output.append(helper.make_tensor_value_info(f"{name}_scale", TensorProto.FLOAT, ["b", "l"][:rank - 1]))
+    if not any(o.domain == FUSE_DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(FUSE_DOMAIN, 1))
+    return out
+
+
+def bf16_io(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` without the Casts (and DequantizeLinears) at its boundary: bf16 inputs, bf16 / e4m3 outputs."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    ins = {i.name for i in g.input}
+    outs = {o.name: o for o in g.output}
+    rename, drop = {}, []
+    for n in g.node:
+        if n.op_type == "Cast" and n.input[0] in ins:
+            rename[n.output[0]] = n.input[0]
+            drop.append(n)
+        elif n.output[0] in outs and n.op_type in ("Cast", "DequantizeLinear"):
+            drop.append(n)
+            o = outs[n.output[0]]
+            o.type.tensor_type.elem_type = TensorProto.BFLOAT16 if n.op_type == "Cast" else TensorProto.FLOAT8E4M3FN
+            rename[n.input[0]] = o.name
+    for n in drop:
+        g.node.remove(n)
+    for i in g.input:
+        i.type.tensor_type.elem_type = TensorProto.BFLOAT16
+    for n in g.node:
+        for k, x in enumerate(n.input):
+            if x in rename and rename[x] in ins:
+                n.input[k] = rename[x]
+        for k, x in enumerate(n.output):
+            if x in rename and rename[x] in outs:
+                n.output[k] = rename[x]
+    for n in g.node:      # a reader of a renamed output value reads the output itself
+        for k, x in enumerate(n.input):
+            if x in rename and rename[x] in outs:
+                n.input[k] = rename[x]
+    return out
 
 
 def subgraph(op: str, gains: dict[str, torch.Tensor], heads: int = 2, head_dim: int = 256) -> onnx.ModelProto:
@@ -167,6 +251,10 @@ def _silu(x: np.ndarray) -> np.ndarray:
 
 def numpy_model(op: str, inputs: dict[str, np.ndarray], gains: dict[str, torch.Tensor], heads: int = 2,
                 head_dim: int = 256) -> dict[str, np.ndarray]:
+    if op in FP8_OPS:       # the base op's bf16 y, quantized per row: codes (as their exact values) and scales
+        out = numpy_model(base_op(op), inputs, gains, heads, head_dim)
+        codes, scale = w8a8_model.quantize_rows(out["y"])
+        return {**out, "y": w8a8_model.e4m3_decode(codes), "y_scale": scale}
     gn = {k: v.float().numpy() for k, v in gains.items()}
     x = {k: bf(v) for k, v in inputs.items()}
     if op == "NormModulate":

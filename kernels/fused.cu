@@ -11,89 +11,15 @@
 //  * bf16 Add / Mul / Tanh: fp32 operation on the widened values, rounded to nearest even once.
 //  * SiLU: x * sigmoid(x) in fp32, sigmoid = x >= 0 ? 1/(1+exp(-x)) : 1 - 1/(1+exp(x)) (QuickGelu / Sigmoid).
 #include "fused.h"
+#include "fused_common.cuh"
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 namespace i4k {
 namespace {
-
-__device__ __forceinline__ float f32(bf16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float rb(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }  // bf16 value
-
-// 4 consecutive bf16 values; V4: one 8-byte access (the caller checked the alignment).
-template <bool V4>
-__device__ __forceinline__ void load4(const bf16* p, float v[4]) {
-  if (V4) {
-    const uint2 u = *reinterpret_cast<const uint2*>(p);
-    const __nv_bfloat162 a = *reinterpret_cast<const __nv_bfloat162*>(&u.x);
-    const __nv_bfloat162 b = *reinterpret_cast<const __nv_bfloat162*>(&u.y);
-    v[0] = __low2float(a), v[1] = __high2float(a), v[2] = __low2float(b), v[3] = __high2float(b);
-  } else {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = f32(p[k]);
-  }
-}
-
-template <bool V4>
-__device__ __forceinline__ void store4(bf16* p, const float v[4]) {
-  if (V4) {
-    __nv_bfloat162 a = __floats2bfloat162_rn(v[0], v[1]), b = __floats2bfloat162_rn(v[2], v[3]);
-    uint2 u;
-    u.x = *reinterpret_cast<uint32_t*>(&a);
-    u.y = *reinterpret_cast<uint32_t*>(&b);
-    *reinterpret_cast<uint2*>(p) = u;
-  } else {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) p[k] = __float2bfloat16_rn(v[k]);
-  }
-}
-
-// Visit this thread's elements of a row of n in onnxruntime's order: groups of four, then the tail.
-template <class F4, class F1>
-__device__ __forceinline__ void ort_walk(int n, F4 group, F1 single) {
-  const int numx = blockDim.x * blockDim.y;
-  const int thrx = threadIdx.x + threadIdx.y * blockDim.x;
-  int l = 4 * thrx;
-  for (; l + 3 < n; l += 4 * numx) group(l);
-  for (; l < n; ++l) single(l);
-}
-
-// Sum of the per-thread partials of one row over its 32 x blockDim.y threads, in onnxruntime's association.
-// buf: blockDim.y floats of shared memory for this row; every thread of the block must call it.
-__device__ __forceinline__ float ort_row_sum(float s, float* buf) {
-#pragma unroll
-  for (int stride = 16; stride > 0; stride >>= 1) s = s + __shfl_down_sync(0xffffffffu, s, stride);
-  if (blockDim.y == 1) return __shfl_sync(0xffffffffu, s, 0);
-  if (threadIdx.x == 0) buf[threadIdx.y] = s;
-  __syncthreads();
-  if (threadIdx.x == 0 && threadIdx.y == 0)
-    for (int off = blockDim.y / 2; off > 0; off >>= 1)
-      for (int y = 0; y < off; ++y) buf[y] = buf[y] + buf[y + off];
-  __syncthreads();
-  s = buf[0];
-  __syncthreads();
-  return s;
-}
-
-template <bool V4>
-__device__ __forceinline__ float row_sumsq(const bf16* x, int n) {
-  float s = 0.f;
-  ort_walk(
-      n,
-      [&](int l) {
-        float v[4];
-        load4<V4>(x + l, v);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) s = __fmaf_rn(v[k], v[k], s);
-      },
-      [&](int l) {
-        const float c = f32(x[l]);
-        s = __fmaf_rn(c, c, s);
-      });
-  return s;
-}
 
 // y = bf16(bf16((gain * inv) * x) * bf16(1 + scale)) for this thread's elements of one row
 template <bool V4>
@@ -111,15 +37,49 @@ __device__ __forceinline__ void modulate_row(const bf16* x, const bf16* gain, co
       [&](int l) { y[l] = __float2bfloat16_rn(rb(f32(gain[l]) * inv * f32(x[l])) * rb(1.f + f32(scale[l]))); });
 }
 
+// The same values, quantized per row instead of stored (fp8_quant.cuh's rules on the bf16 values): one walk for
+// the row's amax, a block max, a second walk that recomputes each value (same arithmetic, same bits) and stores
+// its e4m3 code. The scalar-capable path for shapes the register-resident kernels (fused_rows.cu) do not take.
 template <bool V4>
+__device__ __forceinline__ void quantize_modulated_row(const bf16* x, const bf16* gain, const bf16* scale, uint8_t* q,
+                                                       float* q_scale, int n, float inv, float clamp, float* buf) {
+  auto value = [&](int l) { return rb(rb(f32(gain[l]) * inv * f32(x[l])) * rb(1.f + f32(scale[l]))); };
+  float amax = 0.f;
+  ort_walk(
+      n,
+      [&](int l) {
+        float v[4], g[4], m[4];
+        load4<V4>(x + l, v), load4<V4>(gain + l, g), load4<V4>(scale + l, m);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) amax = fmaxf(amax, fabsf(rb(rb(g[k] * inv * v[k]) * rb(1.f + m[k]))));
+      },
+      [&](int l) { amax = fmaxf(amax, fabsf(value(l))); });
+  const ideogram4::RowScale rs = ideogram4::e4m3_row_scale(block_amax(amax, buf), clamp);
+  ort_walk(
+      n,
+      [&](int l) {
+        float v[4], g[4], m[4];
+        load4<V4>(x + l, v), load4<V4>(gain + l, g), load4<V4>(scale + l, m);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) q[l + k] = ideogram4::e4m3_quantize(rb(rb(g[k] * inv * v[k]) * rb(1.f + m[k])), rs.inv);
+      },
+      [&](int l) { q[l] = ideogram4::e4m3_quantize(value(l), rs.inv); });
+  if (threadIdx.x == 0 && threadIdx.y == 0) *q_scale = rs.scale;
+}
+
+template <bool V4, bool QUANT>
 __global__ void norm_modulate_kernel(const bf16* __restrict__ x, const bf16* __restrict__ gain,
                                      const bf16* __restrict__ scale, bf16* __restrict__ y, int64_t rows, int n,
-                                     int64_t rows_per_scale, float eps) {
+                                     int64_t rows_per_scale, float eps, Fp8Out fq) {
   __shared__ float buf[32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const bf16* xr = x + row * n;
     const float inv = rsqrtf(ort_row_sum(row_sumsq<V4>(xr, n), buf) / static_cast<float>(n) + eps);
-    modulate_row<V4>(xr, gain, scale + (row / rows_per_scale) * n, y + row * n, n, inv);
+    if (QUANT)
+      quantize_modulated_row<V4>(xr, gain, scale + (row / rows_per_scale) * n, fq.q + row * n, fq.scale + row, n, inv,
+                                 fq.clamp, buf);
+    else
+      modulate_row<V4>(xr, gain, scale + (row / rows_per_scale) * n, y + row * n, n, inv);
   }
 }
 
@@ -129,12 +89,12 @@ __device__ __forceinline__ float gated(float h, float b, float g, float gate, fl
   return rb(h + rb(rb(tanhf(gate)) * rb(g * inv * b)));
 }
 
-template <bool V4, bool MOD>
+template <bool V4, bool MOD, bool QUANT>
 __global__ void gated_residual_kernel(const bf16* __restrict__ h, const bf16* __restrict__ branch,
                                       const bf16* __restrict__ gain, const bf16* __restrict__ gate,
                                       const bf16* __restrict__ gain2, const bf16* __restrict__ scale,
                                       bf16* __restrict__ h_out, bf16* __restrict__ y, int64_t rows, int n,
-                                      int64_t rows_per_gate, float eps, float eps2) {
+                                      int64_t rows_per_gate, float eps, float eps2, Fp8Out fq) {
   __shared__ float buf[32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const bf16* br = branch + row * n;
@@ -162,7 +122,11 @@ __global__ void gated_residual_kernel(const bf16* __restrict__ h, const bf16* __
         });
     if (MOD) {   // each thread reads back only what it wrote above (same walk)
       const float inv2 = rsqrtf(ort_row_sum(s2, buf) / static_cast<float>(n) + eps2);
-      modulate_row<V4>(ho, gain2, scale + (row / rows_per_gate) * n, y + row * n, n, inv2);
+      if (QUANT)
+        quantize_modulated_row<V4>(ho, gain2, scale + (row / rows_per_gate) * n, fq.q + row * n, fq.scale + row, n,
+                                   inv2, fq.clamp, buf);
+      else
+        modulate_row<V4>(ho, gain2, scale + (row / rows_per_gate) * n, y + row * n, n, inv2);
     }
   }
 }
@@ -283,16 +247,21 @@ void preload() {
   // Load every kernel now (session creation) rather than lazily at its first launch, which could fall inside a
   // CUDA-graph capture. Errors are left to the launches to report.
   cudaFuncAttributes a;
-  cudaFuncGetAttributes(&a, norm_modulate_kernel<true>);
-  cudaFuncGetAttributes(&a, norm_modulate_kernel<false>);
-  cudaFuncGetAttributes(&a, gated_residual_kernel<true, true>);
-  cudaFuncGetAttributes(&a, gated_residual_kernel<true, false>);
-  cudaFuncGetAttributes(&a, gated_residual_kernel<false, true>);
-  cudaFuncGetAttributes(&a, gated_residual_kernel<false, false>);
+  cudaFuncGetAttributes(&a, norm_modulate_kernel<true, false>);
+  cudaFuncGetAttributes(&a, norm_modulate_kernel<false, false>);
+  cudaFuncGetAttributes(&a, norm_modulate_kernel<true, true>);
+  cudaFuncGetAttributes(&a, norm_modulate_kernel<false, true>);
+  cudaFuncGetAttributes(&a, gated_residual_kernel<true, true, false>);
+  cudaFuncGetAttributes(&a, gated_residual_kernel<true, false, false>);
+  cudaFuncGetAttributes(&a, gated_residual_kernel<false, true, false>);
+  cudaFuncGetAttributes(&a, gated_residual_kernel<false, false, false>);
+  cudaFuncGetAttributes(&a, gated_residual_kernel<true, true, true>);
+  cudaFuncGetAttributes(&a, gated_residual_kernel<false, true, true>);
   cudaFuncGetAttributes(&a, qkv_norm_rope_kernel<true>);
   cudaFuncGetAttributes(&a, qkv_norm_rope_kernel<false>);
   cudaFuncGetAttributes(&a, swiglu_kernel<true>);
   cudaFuncGetAttributes(&a, swiglu_kernel<false>);
+  preload_rows();
   cudaGetLastError();
 }
 
@@ -311,33 +280,57 @@ int ort_norm_threads_y(cudaStream_t stream, int64_t rows, int n) {
   return ty;
 }
 
+bool legacy_norm_requested() {
+  const char* v = std::getenv("IDEOGRAM4_KERNELS_LEGACY_NORM");
+  return v != nullptr && (std::strcmp(v, "1") == 0 || std::strcmp(v, "true") == 0 || std::strcmp(v, "on") == 0);
+}
+
 cudaError_t norm_modulate(cudaStream_t stream, const bf16* x, const bf16* gain, const bf16* scale, bf16* y,
-                          int64_t rows, int n, int64_t rows_per_scale, float eps) {
-  const dim3 block(32, ort_norm_threads_y(stream, rows, n));
-  const bool v4 = n % 4 == 0 && aligned(x, 8) && aligned(gain, 8) && aligned(scale, 8) && aligned(y, 8);
-  if (v4)
-    norm_modulate_kernel<true><<<grid_for(rows), block, 0, stream>>>(x, gain, scale, y, rows, n, rows_per_scale, eps);
-  else
-    norm_modulate_kernel<false><<<grid_for(rows), block, 0, stream>>>(x, gain, scale, y, rows, n, rows_per_scale, eps);
+                          int64_t rows, int n, int64_t rows_per_scale, float eps, const Fp8Out& fq, bool legacy) {
+  const int ty = ort_norm_threads_y(stream, rows, n);
+  if (rows_per_scale <= 0 || (fq.q != nullptr && fq.scale == nullptr) || (fq.q == nullptr && y == nullptr))
+    return cudaErrorInvalidValue;
+  if (!legacy && norm_modulate_rows(stream, ty, x, gain, scale, y, rows, n, rows_per_scale, eps, fq))
+    return cudaGetLastError();
+  const dim3 block(32, ty);
+  const bool v4 = n % 4 == 0 && aligned(x, 8) && aligned(gain, 8) && aligned(scale, 8) && (fq.q || aligned(y, 8));
+#define I4K_NORM(V, Q) \
+  norm_modulate_kernel<V, Q><<<grid_for(rows), block, 0, stream>>>(x, gain, scale, y, rows, n, rows_per_scale, eps, fq)
+  if (fq.q) {
+    if (v4) I4K_NORM(true, true);
+    else I4K_NORM(false, true);
+  } else if (v4) I4K_NORM(true, false);
+  else I4K_NORM(false, false);
+#undef I4K_NORM
   return cudaGetLastError();
 }
 
 cudaError_t gated_residual(cudaStream_t stream, const bf16* h, const bf16* branch, const bf16* gain,
                            const bf16* gate, const bf16* gain2, const bf16* scale, bf16* h_out, bf16* y,
-                           int64_t rows, int n, int64_t rows_per_gate, float eps, float eps2) {
+                           int64_t rows, int n, int64_t rows_per_gate, float eps, float eps2, const Fp8Out& fq,
+                           bool legacy) {
   // both norms see the same row count and width, so onnxruntime picks the same layout for them
-  const dim3 block(32, ort_norm_threads_y(stream, rows, n));
-  const bool mod = y != nullptr;
+  const int ty = ort_norm_threads_y(stream, rows, n);
+  const bool mod = gain2 != nullptr && scale != nullptr;
+  if (rows_per_gate <= 0 || (mod && fq.q == nullptr && y == nullptr) || (fq.q != nullptr && (!mod || !fq.scale)))
+    return cudaErrorInvalidValue;
+  if (!legacy && gated_residual_rows(stream, ty, h, branch, gain, gate, gain2, scale, h_out, y, rows, n, rows_per_gate,
+                                     eps, eps2, fq))
+    return cudaGetLastError();
+  const dim3 block(32, ty);
   const bool v4 = n % 4 == 0 && aligned(h, 8) && aligned(branch, 8) && aligned(gain, 8) && aligned(gate, 8) &&
-                  aligned(h_out, 8) && (!mod || (aligned(gain2, 8) && aligned(scale, 8) && aligned(y, 8)));
+                  aligned(h_out, 8) && (!mod || (aligned(gain2, 8) && aligned(scale, 8) && (fq.q || aligned(y, 8))));
   const unsigned grid = grid_for(rows);
-#define I4K_GATED(V, M) \
-  gated_residual_kernel<V, M><<<grid, block, 0, stream>>>(h, branch, gain, gate, gain2, scale, h_out, y, rows, n, \
-                                                          rows_per_gate, eps, eps2)
-  if (v4 && mod) I4K_GATED(true, true);
-  else if (v4) I4K_GATED(true, false);
-  else if (mod) I4K_GATED(false, true);
-  else I4K_GATED(false, false);
+#define I4K_GATED(V, M, Q) \
+  gated_residual_kernel<V, M, Q><<<grid, block, 0, stream>>>(h, branch, gain, gate, gain2, scale, h_out, y, rows, n, \
+                                                             rows_per_gate, eps, eps2, fq)
+  if (fq.q) {
+    if (v4) I4K_GATED(true, true, true);
+    else I4K_GATED(false, true, true);
+  } else if (v4 && mod) I4K_GATED(true, true, false);
+  else if (v4) I4K_GATED(true, false, false);
+  else if (mod) I4K_GATED(false, true, false);
+  else I4K_GATED(false, false, false);
 #undef I4K_GATED
   return cudaGetLastError();
 }

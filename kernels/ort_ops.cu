@@ -11,6 +11,10 @@
 
 #include "fused.h"
 
+namespace ideogram4 {
+void AddW8A8Ops(Ort::CustomOpDomain& domain);   // w8a8_ops.cu: Fp8QuantizeRows, Fp8RowScaledMatMul
+}
+
 #ifndef I4K_ARCHES
 #define I4K_ARCHES "unknown"
 #endif
@@ -19,6 +23,8 @@ namespace {
 
 using i4k::bf16;
 constexpr ONNXTensorElementDataType kBF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
+constexpr ONNXTensorElementDataType kE4M3 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT8E4M3FN;
+constexpr ONNXTensorElementDataType kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 const char* const kDomain = "ideogram4";
 
 std::string dims(const std::vector<int64_t>& s) {
@@ -78,28 +84,62 @@ int64_t width(const In& x, const In& gain, const char* what) {
   return n;
 }
 
+// e4m3 codes of x's shape and one fp32 scale per row (x.shape[:-1]): what Fp8QuantizeRows writes
+i4k::Fp8Out fp8_outputs(Ort::KernelContext& ctx, size_t i, const std::vector<int64_t>& shape, float clamp) {
+  i4k::Fp8Out o;
+  o.q = static_cast<uint8_t*>(ctx.GetOutput(i, shape).GetTensorMutableRawData());
+  o.scale = ctx.GetOutput(i + 1, std::vector<int64_t>(shape.begin(), shape.end() - 1)).GetTensorMutableData<float>();
+  o.clamp = clamp;
+  return o;
+}
+
+float optional_float(const Ort::ConstKernelInfo& info, const char* name, float fallback) {
+  try {
+    return info.GetAttribute<float>(name);
+  } catch (const Ort::Exception&) {
+    return fallback;
+  }
+}
+
 cudaStream_t stream_of(Ort::KernelContext& ctx) { return static_cast<cudaStream_t>(ctx.GetGPUComputeStream()); }
 
 // ----------------------------------------------------------------------------------------------------- kernels
 
-struct NormModulate {   // (x, gain, scale) -> bf16(bf16(RMSNorm(x) * gain) * bf16(1 + scale))
-  static constexpr const char* kName = "NormModulate";
-  static constexpr size_t kInputs = 3, kOutputs = 1;
-  float eps;
-  explicit NormModulate(const Ort::ConstKernelInfo& info) : eps(info.GetAttribute<float>("epsilon")) {}
+// Each op: kName, kInputs, kOutputs, output_type(i), compute(ctx); `legacy` is set when onnxruntime creates the
+// kernel (IDEOGRAM4_KERNELS_LEGACY_NORM, fused.h). The *Fp8 ops write the modulated / SwiGLU output as
+// Fp8QuantizeRows would from it: e4m3 codes of its shape and one fp32 scale per row (attribute clamp, default 0).
+struct Bf16Outputs {
+  static ONNXTensorElementDataType output_type(size_t) { return kBF16; }
+};
+
+template <bool kFp8>
+struct NormModulateT {   // (x, gain, scale) -> bf16(bf16(RMSNorm(x) * gain) * bf16(1 + scale)) [quantized]
+  static constexpr const char* kName = kFp8 ? "NormModulateFp8" : "NormModulate";
+  static constexpr size_t kInputs = 3, kOutputs = kFp8 ? 2 : 1;
+  static ONNXTensorElementDataType output_type(size_t i) { return !kFp8 ? kBF16 : i == 0 ? kE4M3 : kF32; }
+  float eps, clamp;
+  bool legacy = false;
+  explicit NormModulateT(const Ort::ConstKernelInfo& info)
+      : eps(info.GetAttribute<float>("epsilon")), clamp(optional_float(info, "clamp", 0.f)) {}
   void compute(Ort::KernelContext& ctx) {
     const In x = input(ctx, 0), gain = input(ctx, 1), scale = input(ctx, 2);
     const int64_t n = width(x, gain, "x");
     const int64_t per = rows_per_broadcast(x, scale, n, "scale");
-    bf16* y = output(ctx, 0, x.shape);
-    if (x.size) launched(i4k::norm_modulate(stream_of(ctx), x.data, gain.data, scale.data, y, x.size / n, int(n), per, eps), kName);
+    bf16* y = kFp8 ? nullptr : output(ctx, 0, x.shape);
+    const i4k::Fp8Out q = kFp8 ? fp8_outputs(ctx, 0, x.shape, clamp) : i4k::Fp8Out();
+    if (x.size)
+      launched(i4k::norm_modulate(stream_of(ctx), x.data, gain.data, scale.data, y, x.size / n, int(n), per, eps, q,
+                                  legacy), kName);
   }
 };
+using NormModulate = NormModulateT<false>;
+using NormModulateFp8 = NormModulateT<true>;
 
-struct GatedResidual {   // (h, branch, gain, gate) -> h + bf16(tanh(gate)) * RMSNorm(branch) * gain
+struct GatedResidual : Bf16Outputs {   // (h, branch, gain, gate) -> h + bf16(tanh(gate)) * RMSNorm(branch) * gain
   static constexpr const char* kName = "GatedResidual";
   static constexpr size_t kInputs = 4, kOutputs = 1;
   float eps;
+  bool legacy = false;
   explicit GatedResidual(const Ort::ConstKernelInfo& info) : eps(info.GetAttribute<float>("epsilon")) {}
   void compute(Ort::KernelContext& ctx) {
     const In h = input(ctx, 0), b = input(ctx, 1), gain = input(ctx, 2), gate = input(ctx, 3);
@@ -109,16 +149,20 @@ struct GatedResidual {   // (h, branch, gain, gate) -> h + bf16(tanh(gate)) * RM
     bf16* ho = output(ctx, 0, h.shape);
     if (h.size)
       launched(i4k::gated_residual(stream_of(ctx), h.data, b.data, gain.data, gate.data, nullptr, nullptr, ho, nullptr,
-                                   h.size / n, int(n), per, eps, 0.f), kName);
+                                   h.size / n, int(n), per, eps, 0.f, i4k::Fp8Out(), legacy), kName);
   }
 };
 
-struct GatedResidualModulate {   // (h, branch, gain, gate, gain2, scale) -> (h', NormModulate(h'; gain2, scale))
-  static constexpr const char* kName = "GatedResidualModulate";
-  static constexpr size_t kInputs = 6, kOutputs = 2;
-  float eps, eps2;
-  explicit GatedResidualModulate(const Ort::ConstKernelInfo& info)
-      : eps(info.GetAttribute<float>("epsilon")), eps2(info.GetAttribute<float>("epsilon2")) {}
+template <bool kFp8>
+struct GatedResidualModulateT {   // (h, branch, gain, gate, gain2, scale) -> (h', NormModulate(h'; gain2, scale) [quantized])
+  static constexpr const char* kName = kFp8 ? "GatedResidualModulateFp8" : "GatedResidualModulate";
+  static constexpr size_t kInputs = 6, kOutputs = kFp8 ? 3 : 2;
+  static ONNXTensorElementDataType output_type(size_t i) { return !kFp8 || i == 0 ? kBF16 : i == 1 ? kE4M3 : kF32; }
+  float eps, eps2, clamp;
+  bool legacy = false;
+  explicit GatedResidualModulateT(const Ort::ConstKernelInfo& info)
+      : eps(info.GetAttribute<float>("epsilon")), eps2(info.GetAttribute<float>("epsilon2")),
+        clamp(optional_float(info, "clamp", 0.f)) {}
   void compute(Ort::KernelContext& ctx) {
     const In h = input(ctx, 0), b = input(ctx, 1), gain = input(ctx, 2), gate = input(ctx, 3);
     const In gain2 = input(ctx, 4), scale = input(ctx, 5);
@@ -129,16 +173,20 @@ struct GatedResidualModulate {   // (h, branch, gain, gate, gain2, scale) -> (h'
     require(rows_per_broadcast(h, scale, n, "scale") == per, "gate " + dims(gate.shape) + " and scale " +
                                                                  dims(scale.shape) + " must broadcast alike");
     bf16* ho = output(ctx, 0, h.shape);
-    bf16* y = output(ctx, 1, h.shape);
+    bf16* y = kFp8 ? nullptr : output(ctx, 1, h.shape);
+    const i4k::Fp8Out q = kFp8 ? fp8_outputs(ctx, 1, h.shape, clamp) : i4k::Fp8Out();
     if (h.size)
       launched(i4k::gated_residual(stream_of(ctx), h.data, b.data, gain.data, gate.data, gain2.data, scale.data, ho, y,
-                                   h.size / n, int(n), per, eps, eps2), kName);
+                                   h.size / n, int(n), per, eps, eps2, q, legacy), kName);
   }
 };
+using GatedResidualModulate = GatedResidualModulateT<false>;
+using GatedResidualModulateFp8 = GatedResidualModulateT<true>;
 
-struct QkvNormRope {   // (qkv, gain_q, gain_k, cos, sin_signed) -> q, k, v as (..., heads * head_dim)
+struct QkvNormRope : Bf16Outputs {   // (qkv, gain_q, gain_k, cos, sin_signed) -> q, k, v as (..., heads * head_dim)
   static constexpr const char* kName = "QkvNormRope";
   static constexpr size_t kInputs = 5, kOutputs = 3;
+  bool legacy = false;
   int64_t heads;
   float eps_q, eps_k;
   explicit QkvNormRope(const Ort::ConstKernelInfo& info)
@@ -166,15 +214,34 @@ struct QkvNormRope {   // (qkv, gain_q, gain_k, cos, sin_signed) -> q, k, v as (
   }
 };
 
-struct SwiGLU {   // (a, b) -> bf16(bf16(silu(a)) * b)
+struct SwiGLU : Bf16Outputs {   // (a, b) -> bf16(bf16(silu(a)) * b)
   static constexpr const char* kName = "SwiGLU";
   static constexpr size_t kInputs = 2, kOutputs = 1;
+  bool legacy = false;
   explicit SwiGLU(const Ort::ConstKernelInfo&) {}
   void compute(Ort::KernelContext& ctx) {
     const In a = input(ctx, 0), b = input(ctx, 1);
     require(a.shape == b.shape, "a has shape " + dims(a.shape) + ", b " + dims(b.shape) + "; they must match");
     bf16* out = output(ctx, 0, a.shape);
     if (a.size) launched(i4k::swiglu(stream_of(ctx), a.data, b.data, out, a.size), kName);
+  }
+};
+
+struct SwiGLUFp8 {   // (a, b) -> the SwiGLU values quantized per row of the last axis
+  static constexpr const char* kName = "SwiGLUFp8";
+  static constexpr size_t kInputs = 2, kOutputs = 2;
+  static ONNXTensorElementDataType output_type(size_t i) { return i == 0 ? kE4M3 : kF32; }
+  float clamp;
+  bool legacy = false;
+  explicit SwiGLUFp8(const Ort::ConstKernelInfo& info) : clamp(optional_float(info, "clamp", 0.f)) {}
+  void compute(Ort::KernelContext& ctx) {
+    const In a = input(ctx, 0), b = input(ctx, 1);
+    require(a.shape == b.shape, "a has shape " + dims(a.shape) + ", b " + dims(b.shape) + "; they must match");
+    require(!a.shape.empty() && a.shape.back() > 0 && a.shape.back() < (1 << 30),
+            "a must have a non-empty last axis under 2^30 elements, got " + dims(a.shape));
+    const i4k::Fp8Out q = fp8_outputs(ctx, 0, a.shape, clamp);
+    const int64_t n = a.shape.back();
+    if (a.size) launched(i4k::swiglu_fp8(stream_of(ctx), a.data, b.data, a.size / n, int(n), q), kName);
   }
 };
 
@@ -187,7 +254,10 @@ OrtStatusPtr status(OrtErrorCode code, const char* op, const std::string& what) 
 template <class K>
 struct Kernel {
   K k;
-  explicit Kernel(const OrtKernelInfo* info) : k(Ort::ConstKernelInfo(info)) { i4k::preload(); }
+  explicit Kernel(const OrtKernelInfo* info) : k(Ort::ConstKernelInfo(info)) {
+    i4k::preload();
+    k.legacy = i4k::legacy_norm_requested();
+  }
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
       Ort::KernelContext ctx(context);
@@ -216,7 +286,7 @@ struct Op : Ort::CustomOpBase<Op<K>, Kernel<K>, true> {
   size_t GetInputTypeCount() const { return K::kInputs; }
   ONNXTensorElementDataType GetInputType(size_t) const { return kBF16; }
   size_t GetOutputTypeCount() const { return K::kOutputs; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return kBF16; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const { return K::output_type(i); }
 };
 
 Op<NormModulate> g_norm_modulate;
@@ -224,6 +294,9 @@ Op<GatedResidual> g_gated_residual;
 Op<GatedResidualModulate> g_gated_residual_modulate;
 Op<QkvNormRope> g_qkv_norm_rope;
 Op<SwiGLU> g_swiglu;
+Op<NormModulateFp8> g_norm_modulate_fp8;
+Op<GatedResidualModulateFp8> g_gated_residual_modulate_fp8;
+Op<SwiGLUFp8> g_swiglu_fp8;
 
 }  // namespace
 
@@ -245,6 +318,10 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
       domain->Add(&g_gated_residual_modulate);
       domain->Add(&g_qkv_norm_rope);
       domain->Add(&g_swiglu);
+      domain->Add(&g_norm_modulate_fp8);
+      domain->Add(&g_gated_residual_modulate_fp8);
+      domain->Add(&g_swiglu_fp8);
+      ideogram4::AddW8A8Ops(*domain);
     }
     Ort::UnownedSessionOptions(options).Add(*domain);
     return nullptr;

@@ -5,9 +5,8 @@
 //   Fp8RowScaledMatMul(q: e4m3 (..., K), scale: fp32 (...), w: e4m3 (N, K), w_scale: fp32 (N)) -> y: bf16 (..., N)
 //       y = bf16(scale · w_scale · q·wᵀ), fp32 accumulation; attribute fast_accumulation (int, default 0)
 //
-// AddW8A8Ops(domain) adds both to a custom-op domain, so that another op library can carry them under its own
-// domain; w8a8_register.cu is the entry point of the standalone library. Errors are returned as onnxruntime
-// statuses with one line naming the op, the node and the reason.
+// AddW8A8Ops(domain) adds both to the library's custom-op domain ("ideogram4"; RegisterCustomOps in ort_ops.cu).
+// Errors are returned as onnxruntime statuses with one line naming the op, the node and the reason.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 

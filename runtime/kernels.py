@@ -1,7 +1,8 @@
-"""The fused-kernel library for onnxruntime's CUDA provider (kernels/, built by `make kernels`): where it is and
-whether it can run on the GPUs at hand, checked before onnxruntime is asked to load it. ctypes and the CUDA
-driver only (no torch, no CUDA runtime): a missing or wrong-architecture library must cost one clear warning,
-not a failed session."""
+"""The project's op library for onnxruntime's CUDA provider (kernels/, built by `make kernels`; custom-op domain
+`ideogram4`): the fused elementwise ops of the cuda_fused graphs and the W8A8 ops of the cuda_w8a8 and
+cuda_fused_w8a8 graphs. Where it is and whether it can run on the GPUs at hand, checked before onnxruntime is
+asked to load it. ctypes and the CUDA driver only (no torch, no CUDA runtime): a missing or wrong-architecture
+library must cost one clear warning, not a failed session."""
 from __future__ import annotations
 
 import ctypes
@@ -11,6 +12,9 @@ from pathlib import Path
 LIBRARY_NAME = "libideogram4_kernels.so"
 LIBRARY_ENV = "IDEOGRAM4_KERNELS_LIBRARY"     # path of the library (default: the checkout's build/kernels/)
 SWITCH_ENV = "IDEOGRAM4_FUSED_KERNELS"        # "0": stock CUDA graphs (the backend option fused_kernels=False)
+DOMAIN = "ideogram4"                          # every op of the library (export/graphs/fuse.py, w8a8.py)
+PRECISIONS = ("faithful", "w8a8")             # the backend's `precision`; w8a8 needs the library's W8A8 ops
+W8A8_VARIANT = "cuda_w8a8"                    # the stock graphs of precision w8a8 (cuda_fused_w8a8: with fused ops)
 _CU_ATTR_CC = (75, 76)                        # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR
 
 
@@ -86,3 +90,4 @@ def check(path: Path | str | None, device_ids) -> Path:
                                      "kernels)" if cc else
                                      f"fused-kernel library {path}: GPU {d} compute capability {_cc(cc)}")
     return path
+

@@ -126,7 +126,7 @@ def cmd_runtime(a) -> None:
         T, N = len(res.token_ids[0]), (h // 16) * (w // 16)
         st = summarise(timer.times)
         mem = _nvidia_smi_used()
-        rec = {"kind": "runtime" + "".join(f" {k}={v}" for k, v in options.items()),
+        rec = {"kind": "runtime" + "".join(f" {k}={v}" for k, v in options.items()) + (f" {a.label}" if a.label else ""),
                "backend": pipe.backend.name, "graph_variant": pipe.backend.graph_variant,
                "width": w, "height": h, "preset": preset,
                "steps": res.sampling.steps, "text_tokens": T, **st,
@@ -393,6 +393,7 @@ def main() -> None:
             s.add_argument("--backend", default="auto")
             s.add_argument("--option", action="append", default=[],
                            help="backend option key=value, e.g. dequantize_at_load=true or uncond_device_id=1")
+            s.add_argument("--label", default="", help="appended to the record's kind (an environment-only variant)")
         else:
             s.add_argument("--device", default="cuda")
             s.add_argument("--compile", action="store_true")

@@ -5,17 +5,22 @@
 #   eager   : torch reference, eager           compiled : torch reference under torch.compile
 #   runtime : lean runtime on onnxruntime CUDA (the cuda_fused graphs with the kernel library: the default)
 #   runtime-stock: the same with the stock cuda graphs (fused_kernels=false); runtime-dqload[-stock] likewise
+#   runtime-legacy-norm: the default path with the first (GPU-validated) norm kernels (IDEOGRAM4_KERNELS_LEGACY_NORM=1)
+#   runtime-cudagraph: the default path with the DiT sessions replaying CUDA graphs (cuda_graph=true)
 #   profile : onnxruntime profiler + CUPTI kernels, one dit_cond forward (profile-stock: the stock graphs)
-#   kernels : scripts/gpu_kernel_check.py: each fused op vs the unfused subgraph on CUDA, then tiny and full-width
-#             end to end (fused vs stock latents); needs build/kernels/libideogram4_kernels.so (carry it)
+#   kernels : scripts/gpu_kernel_check.py: each fused op (new and legacy norm kernels, the quantizing *Fp8 ops) vs
+#             the unfused subgraph on CUDA, tiny and full-width end to end (fused vs stock latents), CUDA-graph
+#             capture of the stock and fused full-width dit_cond (bisection to the breaking node if it fails) and
+#             cuda_graph=true end to end; needs build/kernels/libideogram4_kernels.so (carry build/kernels)
 #   runtime-<variant>: the runtime with backend options (see the case list; docs/tuning.md says why each);
 #   probe   : scripts/gpu_op_probe.py (fused-op support, speed and bit-identity at the model's shapes); PROBE_ONLY=<text> runs only matching cases
 #   memory  : scripts/runtime_memory.py (memory after load and after a generation, per weight mode and arena)
 #   dqmemory: scripts/dequant_memory.py (dequantize_at_load's weights alone, per way of binding the e4m3 bytes)
-#   w8a8    : scripts/gpu_w8a8_check.py kernels (~2 min): the W8A8 op library's kernels against fp64 references
-#             with stated bounds, and their speed against onnxruntime's and torch's GEMMs (needs the carried
-#             build/kernels/libideogram4_w8a8.so); PRECISION=w8a8 makes `prepare` export the cuda_w8a8 graphs,
-#             runtime-w8a8 runs them, w8a8-deviation compares its latents and images with `runtime`'s
+#   w8a8    : scripts/gpu_w8a8_check.py kernels (~2 min): the W8A8 ops against fp64 references with stated bounds,
+#             their speed against onnxruntime's and torch's GEMMs, the tiny model end to end (cuda_fused_w8a8 bit-
+#             identical to cuda_w8a8); PRECISION=w8a8 makes `prepare` export the cuda_w8a8 and cuda_fused_w8a8
+#             graphs, runtime-w8a8 runs them (cuda_fused_w8a8), runtime-w8a8-stock the cuda_w8a8 ones,
+#             w8a8-deviation compares runtime-w8a8's latents and images with `runtime`'s
 #   check   : scripts/gpu_dequant_check.py on the tiny model (seconds): the cuda twin's FP8 MatMuls, no Memcpy,
 #             no weight Transpose left after onnxruntime's optimizations; latents vs dequantize_at_load
 # Every stage copies results.jsonl and report.md to $OUT.
@@ -43,6 +48,9 @@ for stage in "$@"; do
     runtime-pow2)    $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option arena_extend_strategy=kNextPowerOfTwo || rc=$? ;;
     runtime-own-arena) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option shared_arena=false || rc=$? ;;
     runtime-w8a8)    $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option precision=w8a8 || rc=$? ;;
+    runtime-w8a8-stock) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option precision=w8a8 --option fused_kernels=false || rc=$? ;;
+    runtime-cudagraph) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option cuda_graph=true || rc=$? ;;
+    runtime-legacy-norm) IDEOGRAM4_KERNELS_LEGACY_NORM=1 $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --label legacy-norm || rc=$? ;;
     w8a8)     python3 scripts/gpu_w8a8_check.py kernels --out "${OUT:-/tmp}" || rc=$? ;;
     w8a8-deviation) python3 scripts/gpu_w8a8_check.py deviation --root "$ROOT" --out "${OUT:-/tmp}" || rc=$? ;;
     check)    python3 scripts/gpu_dequant_check.py | tee "${OUT:-/tmp}/dequant_check.json" || rc=$? ;;

@@ -1,7 +1,7 @@
 """GPU check of the W8A8 path (issue 19): the op library's kernels inside onnxruntime-gpu against
 higher-precision references with stated bounds, their speed against what they replace, and (after the
-benchmark stages) the end-to-end deviation from the faithful path. Builds nothing: the library is built on the
-CPU machine (`make w8a8-lib`) and carried (build/kernels/libideogram4_w8a8.so).
+benchmark stages) the end-to-end deviation from the faithful path. Builds nothing: the op library is built on the
+CPU machine (`make kernels`) and carried (build/kernels/libideogram4_kernels.so: the fused and the W8A8 ops).
 
     python scripts/gpu_w8a8_check.py kernels [--out DIR]        # ~2 min: correctness + timing, JSON
     python scripts/gpu_w8a8_check.py deviation --root ROOT      # after gpu_bench.sh runtime + runtime-w8a8
@@ -34,9 +34,9 @@ import numpy as np
 
 from ideogram4_engine.export import w8a8_model as m
 from ideogram4_engine.export.graphs.w8a8 import DOMAIN
-from ideogram4_engine.runtime.backends.w8a8 import library_path
+from ideogram4_engine.runtime import kernels
 
-LIB = library_path()
+LIB = kernels.default_library()
 M_DIT = 4170                       # 1024²: 4096 image tokens + a 74-token prompt (dit_cond)
 DIT = {"qkv": (13824, 4608), "o": (4608, 4608), "w1,w3": (12288, 4608), "w2": (4608, 12288)}    # (N, K)
 ODD = [(1, 4608, 4608), (77, 48, 80), (4171, 16, 12288), (3, 13824, 4608)]                       # (M, N, K)
@@ -121,7 +121,7 @@ class Gpu:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise SystemExit(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (stage onnxruntime-gpu)")
         if not LIB.is_file():
-            raise SystemExit(f"{LIB} is missing: build it on the CPU machine (`make w8a8-lib`) and carry it")
+            raise SystemExit(f"{LIB} is missing: build it on the CPU machine (`make kernels`) and carry it")
 
     def session(self, model):
         so = self.ort.SessionOptions()
@@ -244,7 +244,6 @@ def check_tiny_pipeline(root: Path) -> dict:
     missing library gives the warning and the faithful graphs."""
     import subprocess
     import warnings
-    from ideogram4_engine.runtime.backends import w8a8 as lib
     from ideogram4_engine.runtime.pipeline import Pipeline
     eng = root / "engines"
     if not (eng / "manifest.json").exists():
@@ -254,22 +253,30 @@ def check_tiny_pipeline(root: Path) -> dict:
                         str(eng), "--no-progress", "--precision", "w8a8"], check=True, capture_output=True)
     kw = dict(width=256, height=256, steps=3, guidance=(3.0, 5.0, 7.0), seed=3)
     faithful = Pipeline(eng, backend="onnxruntime-cuda").generate("a lighthouse at dusk", **kw).latents
-    pipe = Pipeline(eng, backend="onnxruntime-cuda", precision="w8a8")
-    ran, variant = pipe.backend.precision, pipe.backend.graph_variant
-    z = pipe.generate("a lighthouse at dusk", **kw).latents
-    old = os.environ.get(lib.LIBRARY_ENV)
-    os.environ[lib.LIBRARY_ENV] = str(root / "no-such-library.so")
+    runs = {}
+    for name, fk in (("fused", None), ("stock", False)):      # cuda_fused_w8a8, then cuda_w8a8
+        pipe = Pipeline(eng, backend="onnxruntime-cuda", precision="w8a8", fused_kernels=fk)
+        runs[name] = (pipe.backend.precision, pipe.backend.graph_variant,
+                      pipe.generate("a lighthouse at dusk", **kw).latents)
+        del pipe
+    old = os.environ.get(kernels.LIBRARY_ENV)
+    os.environ[kernels.LIBRARY_ENV] = str(root / "no-such-library.so")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fallback = Pipeline(eng, backend="onnxruntime-cuda", precision="w8a8").backend.precision
     finally:
-        os.environ.pop(lib.LIBRARY_ENV) if old is None else os.environ.__setitem__(lib.LIBRARY_ENV, old)
+        os.environ.pop(kernels.LIBRARY_ENV) if old is None else os.environ.__setitem__(kernels.LIBRARY_ENV, old)
     warned = any("no-such-library.so" in str(c.message) for c in caught)
+    z, zs = runs["fused"][2], runs["stock"][2]
     rel = float(np.linalg.norm(z - faithful) / np.linalg.norm(faithful))
-    ok = ran == "w8a8" and variant == "cuda_w8a8" and bool(np.isfinite(z).all()) and 0 < rel < 0.2 and \
-        fallback == "faithful" and warned
-    return {"ok": ok, "precision_ran": ran, "graph_variant": variant, "latents_rel_err_vs_faithful": rel,
+    # the fused producers quantize bit-identically to Fp8QuantizeRows, so both W8A8 twins give the same bits
+    same = bool(np.array_equal(z, zs))
+    ok = [r[:2] for r in runs.values()] == [("w8a8", "cuda_fused_w8a8"), ("w8a8", "cuda_w8a8")] and \
+        bool(np.isfinite(z).all()) and 0 < rel < 0.2 and same and fallback == "faithful" and warned
+    return {"ok": ok, "ran": {k: list(v[:2]) for k, v in runs.items()}, "latents_rel_err_vs_faithful": rel,
+            "fused_w8a8_bit_identical_to_cuda_w8a8": same,
+            "fused_vs_stock_w8a8_rel_err": float(np.linalg.norm(z - zs) / np.linalg.norm(zs)),
             "fallback_precision": fallback, "fallback_warned": warned}
 
 

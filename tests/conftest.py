@@ -43,3 +43,13 @@ def tiny_engines(tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("engines") / "tiny"
     export(tiny_checkpoint, out, ExportOptions(progress=False), log=lambda s: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_w8a8_engines(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The same export with `--precision w8a8` (adds the cuda_w8a8 and cuda_fused_w8a8 graphs). Read-only."""
+    from ideogram4_engine.export.export import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("engines") / "tiny_w8a8"
+    export(tiny_checkpoint, out, ExportOptions(progress=False, precision="w8a8"), log=lambda s: None)
+    return out

@@ -5,6 +5,7 @@ The kernels themselves run on a GPU: scripts/gpu_kernel_check.py (gpu_bench.sh s
 from __future__ import annotations
 
 import ctypes
+import re
 import sys
 import warnings
 import zlib
@@ -15,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from ideogram4_engine.export import w8a8_model
 from ideogram4_engine.export.graphs.fuse import DOMAIN, OPS, fused_kernels, fused_ops
 from ideogram4_engine.export.graphs.rewrite import bf16_to_fp32_emulation
 from ideogram4_engine.runtime import kernels
@@ -76,38 +78,57 @@ def test_check_names_the_file_and_the_compute_capability(monkeypatch, tmp_path):
     assert not kernels.runs_on([(9, 0)], (10, 0)) and not kernels.runs_on([(12, 1)], (12, 0))
 
 
-def _backend(manifest, device_ids=(0,)):
-    """The backend's variant choice without a CUDA provider: the object is created bare and only the state its
-    `_kernels` step reads is set."""
+def _backend(manifest, device_ids=(0,), variant="cuda"):
+    """The backend's choice of graphs without a CUDA provider: the object is created bare and only the state its
+    `_plan` step reads is set."""
     b = object.__new__(OnnxRuntimeBackend)
-    b.manifest, b.graph_variant, b.devices = manifest, "cuda", {"dit_cond": device_ids[0], "dit_uncond": device_ids[-1]}
+    b.manifest, b.graph_variant, b.devices = manifest, variant, {"dit_cond": device_ids[0], "dit_uncond": device_ids[-1]}
     return b
+
+
+def _plan(manifest, wanted=None, library=str(LIB), precision="faithful", variant="cuda"):
+    return [(v, p, lib is not None) for v, p, lib in _backend(manifest, variant=variant)._plan(wanted, library, precision)]
 
 
 def test_backend_uses_the_fused_graphs_only_when_the_library_can_serve_the_gpu(tiny_engines, monkeypatch, tmp_path):
     m = load_manifest(tiny_engines)
     monkeypatch.delenv(kernels.SWITCH_ENV, raising=False)
     monkeypatch.setattr(kernels, "compute_capability", lambda d: (9, 0))
-    b = _backend(m)
-    assert b._kernels(None, str(LIB)) == LIB and b.graph_variant == "cuda_fused"
-    b = _backend(m)
-    b.graph_variant = "cuda_dql"
-    assert b._kernels(None, str(LIB)) == LIB and b.graph_variant == "cuda_fused_dql"
-    b = _backend(m)
-    assert b._kernels(False, str(LIB)) is None and b.graph_variant == "cuda"
+    assert _plan(m) == [("cuda_fused", "faithful", True), ("cuda", "faithful", False)]
+    assert _plan(m, variant="cuda_dql") == [("cuda_fused_dql", "faithful", True), ("cuda_dql", "faithful", False)]
+    assert _plan(m, wanted=True) == [("cuda_fused", "faithful", True)]
+    assert _plan(m, wanted=False) == [("cuda", "faithful", False)]
     monkeypatch.setenv(kernels.SWITCH_ENV, "0")
-    assert b._kernels(None, str(LIB)) is None and b.graph_variant == "cuda"
+    assert _plan(m) == [("cuda", "faithful", False)]
     monkeypatch.delenv(kernels.SWITCH_ENV)
     with pytest.warns(FusedKernelsOff, match=r"missing\.so not found.*compute capability 9\.0.*stock CUDA graphs"):
-        assert b._kernels(None, str(tmp_path / "missing.so")) is None
-    assert b.graph_variant == "cuda"
+        assert _plan(m, library=str(tmp_path / "missing.so")) == [("cuda", "faithful", False)]
     with pytest.raises(BackendUnavailable, match="missing.so not found"):
-        b._kernels(True, str(tmp_path / "missing.so"))
+        _plan(m, wanted=True, library=str(tmp_path / "missing.so"))
     monkeypatch.setattr(kernels, "compute_capability", lambda d: (8, 0))
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        assert b._kernels(None, str(LIB)) is None
+        assert _plan(m) == [("cuda", "faithful", False)]
     assert len(seen) == 1 and "compute capability 8.0" in str(seen[0].message)
+
+
+def test_backend_plans_w8a8_on_the_fused_graphs_first(tiny_w8a8_engines, tiny_engines, monkeypatch, tmp_path):
+    """precision w8a8: cuda_fused_w8a8, then cuda_w8a8, then the faithful graphs; without the fused kernels
+    (False, or an export without cuda_fused_w8a8) cuda_w8a8 first; a library that cannot serve the GPU leaves
+    one warning and the faithful stock graphs."""
+    m = load_manifest(tiny_w8a8_engines)
+    monkeypatch.delenv(kernels.SWITCH_ENV, raising=False)
+    monkeypatch.setattr(kernels, "compute_capability", lambda d: (9, 0))
+    assert _plan(m, precision="w8a8") == [("cuda_fused_w8a8", "w8a8", True), ("cuda_w8a8", "w8a8", True),
+                                          ("cuda_fused", "faithful", True), ("cuda", "faithful", False)]
+    assert _plan(m, precision="w8a8", wanted=False) == [("cuda_w8a8", "w8a8", True), ("cuda", "faithful", False)]
+    assert _plan(m, precision="w8a8", wanted=True) == [("cuda_fused_w8a8", "w8a8", True), ("cuda_fused", "faithful", True)]
+    with pytest.raises(BackendUnavailable, match="no fused CUDA graphs for precision w8a8"):
+        _plan(load_manifest(tiny_engines), precision="w8a8", wanted=True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert _plan(m, precision="w8a8", library=str(tmp_path / "gone.so")) == [("cuda", "faithful", False)]
+    assert len(seen) == 1 and re.search(r"precision w8a8 is unavailable here: .*gone\.so not found", str(seen[0].message))
 
 
 # ------------------------------------------------------------------------------------------------ the rewrite
@@ -151,6 +172,7 @@ def test_rewrite_leaves_graphs_without_patterns_sharing_their_twins_file(tiny_en
     assert fused_ops(te) == {"SwiGLU": m.raw["model"]["text_encoder"]["num_hidden_layers"]}
     assert m.raw["kernels"]["variants"] == {"cuda": "cuda_fused", "cuda_dql": "cuda_fused_dql"}
     assert m.raw["kernels"]["library"] == kernels.LIBRARY_NAME and m.raw["kernels"]["ops"] == list(OPS)
+    assert m.raw["kernels"]["domain"] == kernels.DOMAIN
 
 
 @pytest.mark.parametrize("op", checks.OPS)
@@ -159,6 +181,49 @@ def test_each_subgraph_becomes_exactly_its_op(op):
     fused = fused_kernels(checks.subgraph(op, checks.random_gains(op, rng, 64, 16), heads=2, head_dim=16))
     assert fused_ops(fused) == {op: 1}
     assert {n.op_type for n in fused.graph.node if n.domain != DOMAIN} <= {"Cast", "Unsqueeze", "Mul"}
+
+
+@pytest.mark.parametrize("op", checks.OPS + checks.FP8_OPS)
+def test_gpu_check_graphs(op):
+    """What scripts/gpu_kernel_check.py runs: the stock cuda twin (with Fp8QuantizeRows for the quantizing ops)
+    becomes exactly the op, and the bf16-boundary timing graphs keep only it (and QkvNormRope's table prep)."""
+    rng = np.random.default_rng(1)
+    stock = checks.stock(op, checks.random_gains(op, rng, 64, 16), heads=2, head_dim=16)
+    fused = checks.fused(stock)
+    assert fused_ops(fused) == {op: 1}
+    assert [o.name for o in fused.graph.output] == [o.name for o in stock.graph.output]
+    for model in (stock, fused):
+        onnx.checker.check_model(model)
+        timing = checks.bf16_io(model)
+        onnx.checker.check_model(timing)
+        assert all(i.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for i in timing.graph.input)
+        assert {o.type.tensor_type.elem_type for o in timing.graph.output} <= {
+            onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT}
+    assert not {"Cast", "DequantizeLinear"} & {n.op_type for n in checks.bf16_io(fused).graph.node}
+    if op in checks.FP8_OPS:
+        assert [n.op_type for n in stock.graph.node if n.domain == DOMAIN] == ["Fp8QuantizeRows"]
+        assert [o.name for o in fused.graph.output][-2:] == ["y", "y_scale"]
+
+
+@pytest.mark.parametrize("op", checks.FP8_OPS)
+def test_numpy_model_of_the_quantizing_ops(op):
+    """The quantizing ops' model is Fp8QuantizeRows' model (export/w8a8_model) of the base op's y: on the cpu
+    twin's y (which agrees with the base model on >= 99 % of the values) the e4m3 codes agree on >= 99 % too,
+    and every row scale is amax/448 of the modelled y."""
+    rng = np.random.default_rng(zlib.crc32(op.encode()))
+    base = checks.base_op(op)
+    dims = CASES[base]
+    gains = checks.random_gains(op, rng, dims.get("width", 512))
+    inputs = checks.random_inputs(op, rng, **dims)
+    want = checks.numpy_model(op, inputs, gains)
+    cpu = bf16_to_fp32_emulation(checks.subgraph(base, gains))
+    sess = ort.InferenceSession(cpu.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, inputs)))["y"]
+    codes, scale = w8a8_model.quantize_rows(checks.bf(y))
+    assert (w8a8_model.e4m3_decode(codes).reshape(want["y"].shape) == want["y"]).mean() >= 0.99
+    base_y = checks.numpy_model(base, inputs, gains)["y"]
+    assert np.array_equal(want["y_scale"], (np.abs(base_y).max(-1) / np.float32(448)).astype(np.float32))
+    assert want["y_scale"].shape == base_y.shape[:-1] and np.all(want["y_scale"] > 0)
 
 
 # ------------------------------------------------------------------------------------------------ semantics
@@ -193,3 +258,28 @@ def test_numpy_model_matches_the_unfused_subgraph_on_the_cpu(op):
         assert np.all(np.isfinite(w)) and w.std() > 0
         assert (d > 0).mean() <= 0.01, f"{op}.{name}: {(d > 0).mean():.4%} differ"
         assert np.all((d <= 1) | (np.abs(g - w) <= rms * 2.0**-7)), f"{op}.{name}: {np.abs(g - w).max()} off"
+
+
+# ------------------------------------------------------------------------------------------------ CUDA graphs
+
+def test_cuda_graph_option_is_refused_where_it_cannot_run(tiny_engines):
+    m = load_manifest(tiny_engines)
+    with pytest.raises(ValueError, match="cuda_graph=True needs the CUDA provider"):
+        OnnxRuntimeBackend(m, device="cpu", cuda_graph=True)
+
+
+def test_cuda_graph_copy_model_is_a_valid_identity():
+    """The copy graph the CUDA-graph runner moves inputs and outputs with (hand-written protobuf: the runtime does
+    not depend on onnx) is valid ONNX and copies each input exactly, whatever its shape."""
+    from ideogram4_engine.runtime.backends.cuda_graphs import identity_model
+    types = ("tensor(float)", "tensor(int64)", "tensor(float)")
+    model = onnx.load_from_string(identity_model(types))
+    assert [n.op_type for n in model.graph.node] == ["Identity"] * 3 and model.opset_import[0].version == 17
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(identity_model(types), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    feeds = {"x0": rng.standard_normal((2, 7, 3)).astype(np.float32), "x1": rng.integers(-9, 9, 5),
+             "x2": np.array([np.nan, -0.0, 1e-45], np.float32)}
+    for got, (name, want) in zip(sess.run(None, feeds), feeds.items()):
+        assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8)), name

@@ -1,7 +1,8 @@
-"""`--precision w8a8` on the CPU: the op library compiles and registers its ops with onnxruntime, the export
-writes cuda_w8a8 twins whose DiT block linears are the library's ops wired to the right tensors (the faithful
-graphs unchanged), the manifest records it, and the runtime refuses or falls back clearly. The kernels
-themselves run only on a GPU: scripts/gpu_w8a8_check.py."""
+"""`--precision w8a8` on the CPU: the op library registers the W8A8 ops with onnxruntime, the export writes
+cuda_w8a8 twins whose DiT block linears are the library's ops wired to the right tensors and cuda_fused_w8a8
+twins that quantize inside the fused producers (the faithful graphs unchanged), the manifest records it, and
+the runtime refuses or falls back clearly. The kernels themselves run only on a GPU: scripts/gpu_w8a8_check.py
+and scripts/gpu_kernel_check.py."""
 import json
 import re
 import shutil
@@ -15,17 +16,15 @@ from onnx import TensorProto, helper
 
 from ideogram4_engine.export.export import ExportOptions, export, validate_manifest
 from ideogram4_engine.export.graphs import w8a8 as rw
-from ideogram4_engine.runtime.backends import w8a8 as lib
+from ideogram4_engine.runtime import kernels
 from ideogram4_engine.runtime.manifest import ManifestError, load_manifest
 
 QUIET = ExportOptions(progress=False)
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / "tiny_w8a8"
-    manifest = export(tiny_checkpoint, out, ExportOptions(progress=False, precision="w8a8"), log=lambda s: None)
-    return out, manifest
+def exported(tiny_w8a8_engines):
+    return tiny_w8a8_engines, json.loads((tiny_w8a8_engines / "manifest.json").read_text())
 
 
 def _graph(out, manifest, component, variant):
@@ -40,10 +39,11 @@ def _op_model(op: str, ins, outs, **attrs) -> bytes:
 
 
 def test_library_is_built_and_registers_both_ops():
-    """`make test` builds the library; onnxruntime (here its CPU build) loads it and knows both ops in the
+    """`make test` builds the one library; onnxruntime (here its CPU build) loads it and knows both ops in the
     domain the rewrite writes: creating a CPU session then fails for want of a CPU kernel, not of the op."""
-    path = lib.library_path()
-    assert path.is_file(), f"{path} missing: run `make w8a8-lib` (make test builds it)"
+    path = kernels.default_library()
+    assert path.is_file(), f"{path} missing: run `make kernels` (make test builds it)"
+    assert rw.DOMAIN == kernels.DOMAIN
     vi = helper.make_tensor_value_info
     models = [_op_model(rw.QUANTIZE, [vi("x", TensorProto.BFLOAT16, [4, 32])],
                         [vi("q", TensorProto.FLOAT8E4M3FN, [4, 32]), vi("s", TensorProto.FLOAT, [4])]),
@@ -55,26 +55,18 @@ def test_library_is_built_and_registers_both_ops():
         with pytest.raises(Exception, match="not a registered function/op"):
             ort.InferenceSession(model, without, providers=["CPUExecutionProvider"])
         so = ort.SessionOptions()
-        assert lib.register(so) is None
-        with pytest.raises(Exception, match=f"Could not find an implementation for {op}") as e:
+        so.register_custom_ops_library(str(path))
+        with pytest.raises(Exception, match=f"Could not find an implementation for {op}"):
             ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-        assert lib.is_library_failure(str(e.value))
-
-
-def test_missing_library_is_reported(monkeypatch, tmp_path):
-    monkeypatch.setenv(lib.LIBRARY_ENV, str(tmp_path / "nope.so"))
-    reason = lib.register(ort.SessionOptions())
-    assert "nope.so is missing" in reason and "make w8a8-lib" in reason
-    (tmp_path / "bad.so").write_bytes(b"not an ELF file")
-    monkeypatch.setenv(lib.LIBRARY_ENV, str(tmp_path / "bad.so"))
-    assert "does not load" in lib.register(ort.SessionOptions())
 
 
 def test_manifest_records_the_precision(exported, tiny_engines):
     out, manifest = exported
     validate_manifest(manifest)
     assert manifest["exporter"]["precision"] == ["faithful", "w8a8"]
-    assert all("cuda_w8a8" in c["graphs"] for c in manifest["components"].values())
+    assert all({"cuda_w8a8", "cuda_fused_w8a8"} <= set(c["graphs"]) for c in manifest["components"].values())
+    assert manifest["kernels"]["variants"]["cuda_w8a8"] == "cuda_fused_w8a8"
+    assert load_manifest(out).fused_variant("cuda_w8a8") == "cuda_fused_w8a8"
     assert load_manifest(out).precisions == ("faithful", "w8a8")
     default = json.loads((tiny_engines / "manifest.json").read_text())
     assert default["exporter"]["precision"] == ["faithful"]
@@ -152,6 +144,52 @@ def test_text_encoder_and_vae_twins_are_the_faithful_ones(exported):
     for name in ("text_encoder", "vae_decoder"):
         a, b = _graph(out, manifest, name, "cuda"), _graph(out, manifest, name, "cuda_w8a8")
         assert a.graph.SerializeToString() == b.graph.SerializeToString()
+        graphs = manifest["components"][name]["graphs"]
+        assert graphs["cuda_fused_w8a8"]["sha256"] == graphs["cuda_fused"]["sha256"]
+
+
+def test_fused_w8a8_twin_quantizes_in_the_producers(exported):
+    """cuda_fused_w8a8 = cuda_w8a8's linears on cuda_fused, with the modulations (qkv, w1/w3) and SwiGLU (w2)
+    writing the e4m3 activation themselves: per layer 2 quantizing modulations and one SwiGLUFp8, only the
+    attention output (before o) still through Fp8QuantizeRows, and every W8A8 GEMM reading exactly the codes
+    and scales one op wrote."""
+    out, manifest = exported
+    layers = manifest["model"]["dit"]["num_layers"]
+    for name in ("dit_cond", "dit_uncond"):
+        g = _graph(out, manifest, name, "cuda_fused_w8a8")
+        ops = [n.op_type for n in g.graph.node if n.domain == kernels.DOMAIN]
+        count = {o: ops.count(o) for o in set(ops)}
+        assert count == {"NormModulateFp8": 1, "GatedResidualModulateFp8": 2 * layers - 1, "GatedResidual": 1,
+                         "QkvNormRope": layers, "SwiGLUFp8": layers, rw.QUANTIZE: layers, rw.MATMUL: 5 * layers}
+        producer = {o: n for n in g.graph.node for o in n.output}
+        for m in (n for n in g.graph.node if n.op_type == rw.MATMUL):
+            p = producer[m.input[0]]
+            assert producer[m.input[1]] is p and p.op_type in ("NormModulateFp8", "GatedResidualModulateFp8",
+                                                                "SwiGLUFp8", rw.QUANTIZE)
+            if p.op_type == rw.QUANTIZE:
+                assert m.input[2].endswith("attention.o.weight") and producer[p.input[0]].op_type == "MultiHeadAttention"
+        fused = _graph(out, manifest, name, "cuda_fused")
+        io = lambda m: [(v.name, v.type.SerializeToString()) for v in (*m.graph.input, *m.graph.output)]  # noqa: E731
+        assert io(g) == io(fused)
+        onnx.checker.check_model(str(out / manifest["components"][name]["graphs"]["cuda_fused_w8a8"]["file"]))
+
+
+def test_fused_quantization_leaves_a_shared_activation_alone():
+    """A modulated output read by something besides its quantizer stays bf16 (its reader needs it)."""
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("NormModulate", ["x", "g", "s"], ["y"], domain=rw.DOMAIN, epsilon=1e-5),
+             helper.make_node(rw.QUANTIZE, ["y"], ["q", "qs"], domain=rw.DOMAIN, clamp=7.0)]
+    ins = [vi("x", TensorProto.BFLOAT16, [2, 32]), vi("g", TensorProto.BFLOAT16, [32]), vi("s", TensorProto.BFLOAT16, [32])]
+    outs = [vi("q", TensorProto.FLOAT8E4M3FN, [2, 32]), vi("qs", TensorProto.FLOAT, [2])]
+    model = helper.make_model(helper.make_graph(nodes, "g", ins, outs),
+                              opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(rw.DOMAIN, 1)])
+    fused = rw.fused_quantization(model)
+    assert [n.op_type for n in fused.graph.node] == ["NormModulateFp8"]
+    n = fused.graph.node[0]
+    assert list(n.output) == ["q", "qs"] and {a.name: helper.get_attribute_value(a) for a in n.attribute} == \
+        {"epsilon": pytest.approx(1e-5), "clamp": pytest.approx(7.0)}
+    model.graph.output.append(vi("y", TensorProto.BFLOAT16, [2, 32]))
+    assert rw.fused_quantization(model) is model
 
 
 def test_rewrite_options_and_alignment():

@@ -6,7 +6,10 @@ s_rows)` (rewrite.fp8_matmuls): each selected linear becomes
     Fp8QuantizeRows(x) -> (x_q e4m3, x_scale fp32 per token)           once per activation (w1 and w3 share it)
     Fp8RowScaledMatMul(x_q, x_scale, q, s) -> y bf16                    the checkpoint's (out, in) e4m3 bytes
 
-of the project's op library (kernels/w8a8_ops.cu; arithmetic in export/w8a8_model.py). Selected: the blocks'
+of the project's op library (kernels/w8a8_ops.cu; arithmetic in export/w8a8_model.py). On the fused twin
+(`cuda_fused_w8a8`) the quantization then moves into the fused kernel that produces the activation where that
+saves a pass (`fused_quantization`): the modulations before qkv and w1/w3, SwiGLU before w2; the attention
+output before o keeps the standalone quantizer. Selected: the blocks'
 qkv, o, w1, w3 and w2 (nearly all of a forward's GEMM FLOPs at image sizes); the conditioning linears (time
 embedding, adaLN, final layer) run at M = batch rows, where an FP8 GEMM saves nothing, and the input and text
 projections are small, so they keep the faithful weight-only op. Linears whose in or out size is not a
@@ -20,12 +23,17 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .rewrite import FP8_MATMUL, _copy, _prune, _toposort, for_cuda
+from .fuse import DOMAIN, for_cuda_fused
+from .rewrite import FP8_MATMUL, _consumers, _copy, _prune, _toposort, for_cuda
 
-DOMAIN = "ideogram4.w8a8"          # the op library's custom-op domain (kernels/w8a8_register.cu)
 QUANTIZE = "Fp8QuantizeRows"
 MATMUL = "Fp8RowScaledMatMul"
 ALIGNMENT = 16
+OPS = (QUANTIZE, MATMUL)
+# producer op -> (its quantizing form, which output is the activation): the *Fp8 op writes that output's e4m3
+# codes and row scales in its place (kernels/fused_rows.cu, bit-identical to Fp8QuantizeRows of it)
+FUSED_PRODUCERS = {"NormModulate": ("NormModulateFp8", 0), "GatedResidualModulate": ("GatedResidualModulateFp8", 1),
+                   "SwiGLU": ("SwiGLUFp8", 0)}
 BLOCK_LINEARS = re.compile(r"^layers\.\d+\.(attention\.(qkv|o)|feed_forward\.w[123])\.weight$")
 
 
@@ -83,6 +91,41 @@ def _row_vector(rows: str, producer: dict) -> str:
     return p.input[0]
 
 
+def fused_quantization(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each Fp8QuantizeRows whose input is an output of a fused op in FUSED_PRODUCERS, read by nothing else, folded
+    into that op's quantizing form (its `clamp` carried over); `model` itself when there is none."""
+    nodes = list(model.graph.node)
+    users = _consumers(nodes)
+    producer = {o: n for n in nodes for o in n.output}
+    outputs = {o.name for o in model.graph.output}
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    for q in nodes:
+        if q.op_type != QUANTIZE or q.domain != DOMAIN:
+            continue
+        x = q.input[0]
+        p = producer.get(x)
+        form = FUSED_PRODUCERS.get(p.op_type) if p is not None and p.domain == DOMAIN else None
+        if form is None or p.output[form[1]] != x or x in outputs or len(users.get(x, [])) != 1 or id(p) in replace:
+            continue
+        outs = list(p.output[:form[1]]) + list(q.output) + list(p.output[form[1] + 1:])
+        new = helper.make_node(form[0], list(p.input), outs, name=f"{p.name}__fp8", domain=DOMAIN)
+        new.attribute.extend(p.attribute)
+        new.attribute.extend(a for a in q.attribute if a.name == "clamp")
+        replace[id(p)], replace[id(q)] = [new], []
+    if not replace:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(_toposort([_copy(m) for n in nodes for m in replace.get(id(n), [n])]))
+    return out
+
+
 def for_cuda_w8a8(model: onnx.ModelProto) -> onnx.ModelProto:
     """The `cuda_w8a8` twin: the onnxruntime-CUDA twin with the DiT blocks' linears as W8A8."""
     return w8a8_matmuls(for_cuda(model))
+
+
+def for_cuda_fused_w8a8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The `cuda_fused_w8a8` twin: the same W8A8 linears on the cuda_fused twin, quantizing in the producers."""
+    return fused_quantization(w8a8_matmuls(for_cuda_fused(model)))

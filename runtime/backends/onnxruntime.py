@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 
 from .. import kernels
-from ..manifest import FUSED, LOAD_DEQUANTIZED
-from . import w8a8
+from ..manifest import LOAD_DEQUANTIZED
 from .base import BackendUnavailable
+from .cuda_graphs import GraphRunner
 
 VARIANT = {"cpu": "cpu", "cuda": "cuda"}
 FP8_MATMUL = "MatMulBlockQuantizedFp8Weight"     # the contrib op of the cuda graphs (export/graphs/rewrite.py)
 PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+GRAPH_COMPONENTS = ("dit_cond", "dit_uncond")     # captured with cuda_graph=True (one call per step each)
 
 
 class OnnxRuntimeBackend:
@@ -36,7 +37,7 @@ class OnnxRuntimeBackend:
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
                  uncond_device_id: int | None = None, shared_arena: bool = True,
                  fused_kernels: bool | None = None, kernels_library: str | None = None,
-                 precision: str = "faithful"):
+                 precision: str = "faithful", cuda_graph: bool = False):
         """Constant folding is on for CUDA (it computes the FP8 MatMuls' fp32 row scales once; no DequantizeLinear
         of an initializer is left in those graphs) and off for the CPU, whose twin dequantizes every e4m3 weight
         per run and would otherwise hold them all as fp32.
@@ -59,9 +60,15 @@ class OnnxRuntimeBackend:
         variable IDEOGRAM4_FUSED_KERNELS=0 also turns them off); True requires them (BackendUnavailable
         otherwise); False runs the stock graphs (A/B). kernels_library: the library's path (default:
         $IDEOGRAM4_KERNELS_LIBRARY, else the checkout's build/kernels/libideogram4_kernels.so).
-        precision="w8a8" (CUDA, opt-in; numerics change): the manifest's cuda_w8a8 graphs, whose DiT block linears
-        run with FP8 activations through the project's op library (backends/w8a8.py). If the library cannot run
-        here, a warning says why and the faithful graphs run; `self.precision` says which did."""
+        precision="w8a8" (CUDA, opt-in; numerics change): the DiT block linears run with FP8 activations through
+        the W8A8 ops of the same library — the cuda_fused_w8a8 graphs (fused ops, the quantization inside the
+        producing kernels) when the fused graphs would run, else cuda_w8a8. If the library cannot run here, one
+        warning says why and the faithful graphs run; `self.precision` and `self.graph_variant` say what did.
+        Graphs are tried in that order of preference; one the library fails to load (warning) gives way to the
+        next, down to the stock cuda graphs.
+        cuda_graph=True (CUDA, opt-in): the DiT sessions replay onnxruntime CUDA graphs, one per input-shape set
+        (backends/cuda_graphs.py: fixed-address IO buffers, their own arenas, so more memory); a capture that fails
+        costs one CudaGraphOff warning and that DiT runs without capture."""
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -71,13 +78,16 @@ class OnnxRuntimeBackend:
                                      f"(available: {', '.join(ort.get_available_providers())})")
         if uncond_device_id is not None and device != "cuda":
             raise ValueError("uncond_device_id needs the CUDA provider (onnxruntime-cuda)")
-        if precision not in w8a8.PRECISIONS:
-            raise ValueError(f"precision={precision!r}; allowed: {', '.join(w8a8.PRECISIONS)}")
+        if precision not in kernels.PRECISIONS:
+            raise ValueError(f"precision={precision!r}; allowed: {', '.join(kernels.PRECISIONS)}")
         if precision == "w8a8" and (device != "cuda" or dequantize_at_load or "w8a8" not in manifest.precisions):
             raise ValueError("precision='w8a8' " + ("needs the CUDA provider (onnxruntime-cuda)" if device != "cuda" else
                              "multiplies the stored e4m3 weights: it cannot be combined with dequantize_at_load"
                              if dequantize_at_load else f"needs W8A8 graphs, which {manifest.path} lacks: re-export "
                              "with `--precision w8a8`"))
+        if cuda_graph and (device != "cuda" or dequantize_at_load):
+            raise ValueError("cuda_graph=True " + ("needs the CUDA provider (onnxruntime-cuda)" if device != "cuda" else
+                             "cannot be combined with dequantize_at_load (its weights are bound per session)"))
         if arena_extend_strategy is not None and arena_extend_strategy not in _STRATEGY:
             raise ValueError(f"arena_extend_strategy={arena_extend_strategy!r}; allowed: kNextPowerOfTwo, "
                              "kSameAsRequested")
@@ -93,18 +103,22 @@ class OnnxRuntimeBackend:
         if shared_arena:
             for dev in sorted(set(self.devices.values())):
                 _register_shared_arena(ort, device, dev, arena_extend_strategy or "kSameAsRequested")
-        self.kernels_library = self._kernels(fused_kernels, kernels_library) if device == "cuda" else None
-        self._opts = self._options(shared_arena)
-        self.precision = precision
-        try:
-            self.sessions = self._sessions(names, shared_arena)
-        except BackendUnavailable as e:
-            if self.kernels_library is None or fused_kernels:
-                raise
-            _warn_fused_off(f"{e}")        # e.g. a library this onnxruntime refuses: the stock graphs still run
-            self.kernels_library, self.graph_variant = None, self.graph_variant.replace(FUSED, "")
+        self.precision, self.kernels_library = "faithful", None
+        self._graph_components = GRAPH_COMPONENTS if cuda_graph else ()
+        self._shared_arena = shared_arena
+        self._runners: dict[str, GraphRunner] = {}
+        plan = self._plan(fused_kernels, kernels_library, precision) if device == "cuda" else \
+            [(self.graph_variant, "faithful", None)]
+        for i, (variant, prec, lib) in enumerate(plan):
+            self.graph_variant, self.precision, self.kernels_library = variant, prec, lib
             self._opts = self._options(shared_arena)
-            self.sessions = self._sessions(names, shared_arena)
+            try:
+                self.sessions = self._sessions(names)
+                break
+            except BackendUnavailable as e:
+                if lib is None or i + 1 == len(plan):
+                    raise
+                _warn(f"the {variant} graphs did not load ({e}); running the {plan[i + 1][0]} graphs instead")
         self._outputs = {c: [o.name for o in s.get_outputs()] for c, s in self.sessions.items()}
         self._weights: dict[str, Any] = {}      # component -> IO binding holding its bf16 weights
         self._keep: list = []                   # dequantization sessions: their arenas hold the weights
@@ -118,26 +132,49 @@ class OnnxRuntimeBackend:
             from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ort-cfg")
 
-    def _kernels(self, wanted: bool | None, library: str | None):
-        """The fused-kernel library's path when the fused graphs are to run (and graph_variant set to them), else
-        None; one warning when the export has fused graphs but the library cannot serve these GPUs."""
-        fused = self.manifest.fused_variant(self.graph_variant)
-        if wanted is False or (wanted is None and kernels.switched_off()):
-            return None
-        if fused is None:
-            if wanted:
-                raise BackendUnavailable(f"{self.manifest.path} has no fused CUDA graphs (exported before they "
-                                         "existed): re-run `make export`")
-            return None
-        try:
-            path = kernels.check(library, self.devices.values())
-        except kernels.KernelsUnavailable as e:
-            if wanted:
-                raise BackendUnavailable(str(e)) from None
-            _warn_fused_off(str(e))
-            return None
-        self.graph_variant = fused
-        return path
+    def _plan(self, wanted: bool | None, library: str | None, precision: str) -> list[tuple[str, str, Any]]:
+        """The graphs to try, best first, as (variant, precision, library path or None); one warning when the
+        library cannot serve these GPUs and graphs that need it were asked for or would be the default."""
+        base, m = self.graph_variant, self.manifest
+        fused_ok = wanted is not False and not (wanted is None and kernels.switched_off())
+        fused, fused_w8a8 = m.fused_variant(base), m.fused_variant(kernels.W8A8_VARIANT)
+        if wanted and (fused_w8a8 if precision == "w8a8" else fused) is None:
+            raise BackendUnavailable(f"{m.path} has no fused CUDA graphs{' for precision w8a8' if precision == 'w8a8' else ''}"
+                                     " (exported before they existed): re-run `make export`")
+        lib, problem = None, None
+        if precision == "w8a8" or (fused_ok and fused is not None):
+            try:
+                lib = kernels.check(library, self.devices.values())
+            except kernels.KernelsUnavailable as e:
+                if wanted:
+                    raise BackendUnavailable(str(e)) from None
+                problem = str(e)
+        plan = []
+        if lib is not None:
+            if precision == "w8a8":
+                plan += [(fused_w8a8, "w8a8", lib)] if fused_ok and fused_w8a8 else []
+                plan += [] if wanted else [(kernels.W8A8_VARIANT, "w8a8", lib)]
+            if fused_ok and fused is not None:
+                plan.append((fused, "faithful", lib))
+        if problem is not None:
+            _warn(f"fused CUDA kernels off: {problem}; running the stock CUDA graphs" if precision == "faithful" else
+                  f"precision w8a8 is unavailable here: {problem}; running the faithful stock CUDA graphs")
+        return plan if wanted else plan + [(base, "faithful", None)]
+
+    def _sessions(self, names) -> dict:
+        self._runners = {}
+        out = {}
+        for c in names:
+            path, dev = self.manifest.graph_path(c, self.graph_variant), self.devices[c]
+            if c in self._graph_components:
+                def make(graph: bool, path=path, dev=dev):
+                    return self._session(path, dev, cuda_graph=graph,
+                                         opts=self._options(self._shared_arena and not graph))
+                self._runners[c] = GraphRunner(self.ort, c, dev, make, lambda sess, inputs, c=c: self._run(c, sess, inputs))
+                out[c] = self._runners[c].session
+            else:
+                out[c] = self._session(path, dev)
+        return out
 
     def _options(self, shared_arena: bool):
         opts = self.ort.SessionOptions()
@@ -154,28 +191,10 @@ class OnnxRuntimeBackend:
             opts.add_session_config_entry("session.use_env_allocators", "1")
         return opts
 
-    def _sessions(self, names, shared_arena: bool) -> dict:
-        """One session per component; for precision w8a8 with the op library, or the faithful graphs and a
-        warning when the library cannot run here."""
-        if self.precision == "w8a8":
-            problem = w8a8.register(self._opts)
-            if problem is None:
-                try:
-                    sessions = {c: self._session(self.manifest.graph_path(c, w8a8.VARIANT), self.devices[c]) for c in names}
-                    self.graph_variant = w8a8.VARIANT
-                    return sessions
-                except BackendUnavailable as e:
-                    if not w8a8.is_library_failure(str(e)):
-                        raise
-                    problem = f"{w8a8.library_path().name}: {e}"
-            warnings.warn(f"precision w8a8 is unavailable here, running the faithful graphs: {problem}", RuntimeWarning,
-                          stacklevel=4)
-            self.precision, self._opts = "faithful", self._options(shared_arena)
-        return {c: self._session(self.manifest.graph_path(c, self.graph_variant), self.devices[c]) for c in names}
-
-    def _session(self, path, device_id: int, arena: str | None = None, opts=None):
+    def _session(self, path, device_id: int, arena: str | None = None, opts=None, cuda_graph: bool = False):
         ort = self.ort
-        cuda_opts = {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC"}
+        cuda_opts = {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC",
+                     **({"enable_cuda_graph": "1"} if cuda_graph else {})}
         if arena or self._arena:
             cuda_opts["arena_extend_strategy"] = arena or self._arena
         providers = [(PROVIDER[self.device], cuda_opts)] if self.device == "cuda" else [PROVIDER[self.device]]
@@ -267,7 +286,14 @@ class OnnxRuntimeBackend:
         return value
 
     def run(self, component: str, inputs: dict[str, Any]) -> dict[str, Any]:
-        sess = self.sessions[component]
+        runner = self._runners.get(component)
+        if runner is not None:
+            out = runner.run({k: self._on(v, component) for k, v in inputs.items()})
+            self.sessions[component] = runner.session        # a new one after a failed capture
+            return out
+        return self._run(component, self.sessions[component], inputs)
+
+    def _run(self, component: str, sess, inputs: dict[str, Any]) -> dict[str, Any]:
         dev = self.devices.get(component, self.device_id)
         binding = self._weights.get(component) or sess.io_binding()
         binding.clear_binding_outputs()        # a kept binding would otherwise write into the last outputs
@@ -288,12 +314,11 @@ class OnnxRuntimeBackend:
 
 
 class FusedKernelsOff(RuntimeWarning):
-    """The fused CUDA graphs could not be used; the stock CUDA graphs run instead."""
+    """The op library's graphs (fused, W8A8) could not be used; the message says why and what runs instead."""
 
 
-def _warn_fused_off(why: str) -> None:
-    import warnings
-    warnings.warn(f"fused CUDA kernels off: {why}; running the stock CUDA graphs", FusedKernelsOff, stacklevel=4)
+def _warn(message: str) -> None:
+    warnings.warn(message, FusedKernelsOff, stacklevel=4)
 
 
 _SHARED_ARENAS: set[tuple[str, int]] = set()     # (provider device, device id) registered in this process
