@@ -361,6 +361,22 @@ def cmd_report(a) -> None:
         ratio.append(f"| {r['kind']}: {key[0]}×{key[1]} | {key[2]} | {r['step_ms'] / e['step_ms']:.2f} | {vs_compiled} | "
                      f"{r['image_s'] / e['image_s']:.2f} | {err} |" if e else f"| {key[0]}×{key[1]} | {key[2]} | – | – | – | – |")
     extra = []
+    for key in sorted({(r["width"], r["height"], r["preset"]) for r in rows}):
+        le = root / f"latents_reference-eager_{key[0]}x{key[1]}_{key[2]}.npy"
+        lc = root / f"latents_reference-compiled_{key[0]}x{key[1]}_{key[2]}.npy"
+        ls = root / f"latents_runtime_fused_kernels=False_{key[0]}x{key[1]}_{key[2]}.npy"
+        if le.exists() and lc.exists():     # the bar for the runtime: no farther from eager than compiled is
+            y = np.load(le)
+            extra.append(f"\nLatents rel err, reference-compiled vs eager, {key[0]}×{key[1]} {key[2]}: "
+                         f"{np.linalg.norm(np.load(lc) - y) / np.linalg.norm(y):.2e}")
+        if ls.exists():                     # fused (and other) runtime paths against the stock cuda graphs
+            y = np.load(ls)
+            for r in [r for r in rows if r["kind"].startswith("runtime") and (r["width"], r["height"], r["preset"]) == key]:
+                lr = root / f"latents_{r['kind'].replace(' ', '_')}_{key[0]}x{key[1]}_{key[2]}.npy"
+                if lr.exists() and lr != ls:
+                    x = np.load(lr)
+                    extra.append(f"\n{r['kind']} vs runtime stock graphs, {key[0]}×{key[1]} {key[2]}: "
+                                 f"bit-identical {bool(np.array_equal(x, y))}, max abs {float(np.abs(x - y).max()):.3g}")
     if bf16:
         extra.append(f"\nMeasured bf16 GEMM rate on this card (torch, 8192³): {bf16:.0f} TFLOP/s; "
                      "bf16 floor per step = step FLOPs / that rate.")
