@@ -331,7 +331,7 @@ def cmd_kernels(a) -> int:
     def save():
         res["elapsed_s"] = time.perf_counter() - t0
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1))
+        tmp.write_text(json.dumps(res, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
         tmp.replace(path)
 
     def section(kind, fn, *args, **kw):
