@@ -37,6 +37,7 @@ from .graphs.rewrite import (bf16_to_fp32_emulation, cpu_dequantized_at_load, cu
                              fp8_weights)
 from .inventory import scale_name
 
+MANIFEST_FORMAT_VERSION = 2  # 2: tokenizer.files (sha256 of the tokenizer and chat template); runtime FORMAT_VERSIONS
 EXPORTER_VERSION = 8          # bump whenever the graphs an unchanged checkpoint exports would change (7: reverted RoPE rewrite)
 COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
 SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond": "unconditional_transformer",
@@ -296,8 +297,10 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
         components["guided_step"] = _write_guided_step(tmp)
         engines = _carry_engines(old, out, tmp)
         shutil.copytree(ckpt.root / "tokenizer", tmp / "tokenizer")
+        static = _static_sections(ckpt)
+        static["tokenizer"]["files"] = _tokenizer_files(tmp, static["tokenizer"]["folder"])
         manifest = {
-            "format": "ideogram4-engine/manifest", "format_version": 1,
+            "format": "ideogram4-engine/manifest", "format_version": MANIFEST_FORMAT_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "exporter": {"version": EXPORTER_VERSION, "opset": OPSET, "ir_version": IR_VERSION,
                          "attention_form": opts.attention_form,
@@ -307,7 +310,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
                        "files": _source_files(ckpt, hashes)},
             "graph_variants": GRAPH_USE,
             "model": _model_section(ckpt),
-            **_static_sections(ckpt),
+            **static,
             "components": components,
         }
         if engines:
@@ -319,6 +322,13 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _tokenizer_files(tmp: Path, folder: str) -> list[dict]:
+    """sha256 entries of every file copied into the tokenizer folder (the runtime checks them before use)."""
+    root = tmp / folder
+    return [{"file": f.relative_to(tmp).as_posix(), "sha256": sha256_file(f), "bytes": f.stat().st_size}
+            for f in sorted(root.rglob("*")) if f.is_file()]
 
 
 def _write_dequantize(folder: Path) -> dict:

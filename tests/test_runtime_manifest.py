@@ -115,10 +115,10 @@ def test_garbage_json(copy):
 
 
 def test_wrong_format_or_version(copy):
-    _edit(copy, lambda r: r.update(format_version=2))
-    with pytest.raises(ManifestError, match=r"manifest\.json: `format_version` is 2; this runtime reads version\(s\) 1"):
+    _edit(copy, lambda r: r.update(format_version=1))     # 1: tokenizer files not checksummed: refused
+    with pytest.raises(ManifestError, match=r"manifest\.json: `format_version` is 1; this runtime reads version\(s\) 2"):
         load_manifest(copy)
-    _edit(copy, lambda r: r.update(format_version=1, format="something-else"))
+    _edit(copy, lambda r: r.update(format_version=2, format="something-else"))
     with pytest.raises(ManifestError, match="`format` is 'something-else', expected 'ideogram4-engine/manifest'"):
         load_manifest(copy)
 
@@ -183,7 +183,7 @@ def _flip_byte(path: Path, offset: int) -> None:
 
 def test_verify_detects_a_flipped_byte(copy):
     m = load_manifest(copy)
-    assert verify(m) == [e["file"] for e in m.file_entries()]
+    assert verify(m) == [e["file"] for e in [*m.file_entries(), *m.tokenizer_entries]]
     data = copy / "dit_uncond.onnx.data"
     expected = m.components["dit_uncond"]["data"]["sha256"]
     _flip_byte(data, data.stat().st_size // 2)

@@ -30,7 +30,7 @@ class OnnxRuntimeBackend:
     def __init__(self, manifest, device: str = "cpu", device_id: int = 0, threads: int | None = None,
                  components: tuple[str, ...] | None = None,
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
-                 uncond_device_id: int | None = None, shared_arena: bool = True):
+                 uncond_device_id: int | None = None, shared_arena: bool = True, before_load=None):
         """Constant folding is on for CUDA (it computes the FP8 MatMuls' fp32 row scales once; no DequantizeLinear
         of an initializer is left in those graphs) and off for the CPU, whose twin dequantizes every e4m3 weight
         per run and would otherwise hold them all as fp32.
@@ -62,6 +62,8 @@ class OnnxRuntimeBackend:
         self.ort = ort
         self.name = f"onnxruntime-{device}"
         self.graph_variant = VARIANT[device] + (LOAD_DEQUANTIZED if dequantize_at_load else "")
+        if before_load is not None:     # e.g. the Pipeline's sha256 check: graphs are hashed before they are parsed
+            before_load(self.graph_variant)
         self.device, self.device_id = device, device_id
         self.manifest = manifest
         self._threads, self._arena = threads, arena_extend_strategy
