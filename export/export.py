@@ -28,9 +28,10 @@ from ..runtime import latents as latent_tables
 from ..runtime.manifest import LOAD_DEQUANTIZED     # <c>.<twin>_dql.onnx: the twin with its FP8 weights as bf16 inputs
 from ..runtime.packing import MAX_ASPECT, MAX_SIDE, MAX_TEXT_TOKENS, MIN_SIDE, PIXELS_PER_TOKEN
 from ..runtime.schedule import DEFAULT_PRESET, PRESETS, TAU_MAX, TAU_MIN
+from ..runtime.tempfiles import temp_name
 from .checkpoint import Checkpoint, Component, TensorSource, open_checkpoint
 from .dit import rope_inv_freq
-from .files import replace_dir, sha256_file
+from .files import recover_dir, replace_dir, sha256_file
 from .fp8 import quantize_rows
 from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
 from .graphs.rewrite import (bf16_to_fp32_emulation, cpu_dequantized_at_load, cuda_dequantized_at_load, for_cuda,
@@ -245,9 +246,11 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
     ckpt = open_checkpoint(checkpoint)
     log(ckpt.describe())
     out = Path(out).absolute()
-    old = _read_old_manifest(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    for stale in recover_dir(out):
+        log(f"removed {stale.name}, left by a killed export (its process is gone)")
+    old = _read_old_manifest(out)
+    tmp = out.parent / temp_name(out.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
