@@ -72,7 +72,7 @@ def cmd_generate(args) -> int:
     backend loads; then generate, then write every PNG atomically."""
     from .manifest import load_manifest
     from .pipeline import Pipeline
-    from .request import prepare
+    from .request import check_arguments, prepare
     from .tokenizer import PromptTokenizer
 
     prompts = read_prompts(args.prompt_sources)
@@ -81,10 +81,11 @@ def cmd_generate(args) -> int:
         check_writable(o)
     options = _backend_options(args)
     manifest = load_manifest(args.engines)
-    tokenizer = PromptTokenizer.from_manifest(manifest)
-    request = prepare(manifest, tokenizer, prompts, width=args.width, height=args.height, preset=args.sampler_preset,
-                      steps=args.steps, mu=args.mu, std=args.std, guidance=args.guidance, seed=args.seed,
-                      batch_index=args.batch_index)
+    arguments = check_arguments(manifest, prompts, width=args.width, height=args.height, preset=args.sampler_preset,
+                                steps=args.steps, mu=args.mu, std=args.std, guidance=args.guidance, seed=args.seed,
+                                batch_index=args.batch_index)
+    tokenizer = PromptTokenizer.from_manifest(manifest)        # sha256-checked, then the prompts tokenised
+    request = prepare(manifest, tokenizer, arguments)
     synthetic = manifest.synthetic
     if synthetic:
         print(f"note: SYNTHETIC weights (config {synthetic.get('config')!r}): random weights in the official "

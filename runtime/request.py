@@ -16,7 +16,7 @@ import numpy as np
 
 from .packing import MAX_SIDE, MIN_SIDE, PIXELS_PER_TOKEN, check_size, token_grid
 from .schedule import GUIDANCE_LIMIT, MAX_STEPS, MU_LIMIT, STD_MAX, check_guidance
-from .tokenizer import PromptError
+from .tokenizer import PromptError, check_prompt_text
 
 NOISE_SHAPE_TAIL = 128
 MAX_SEED = 2**64 - 1
@@ -160,23 +160,40 @@ def check_noise(noise, shape: tuple[int, int, int]) -> np.ndarray:
     return noise.astype(np.float32)
 
 
-def prepare(manifest, tokenizer, prompts, *, width=1024, height=1024, preset=None, steps=None, mu=None, std=None,
-            guidance=None, seed=0, noise=None, batch_index=0) -> Request:
-    """Check everything (cheap checks first, tokenisation last) and draw the noise."""
+@dataclass(frozen=True)
+class Arguments:
+    """A request's arguments checked against the manifest alone (no tokenizer, nothing hashed)."""
+    prompts: tuple[str, ...]
+    width: int
+    height: int
+    sampling: Sampling
+    seed: int | None
+    batch_index: int
+    noise: np.ndarray | None
+
+
+def check_arguments(manifest, prompts, *, width=1024, height=1024, preset=None, steps=None, mu=None, std=None,
+                    guidance=None, seed=0, noise=None, batch_index=0) -> Arguments:
+    """Everything that needs only the manifest: prompt types and emptiness, size, sampling, seed, noise."""
     prompts = check_prompts(prompts)
     for p in prompts:
-        tokenizer.check_prompt(p)
+        check_prompt_text(p, manifest.limits["max_text_tokens"])
     height, width = check_dimensions(height, width)
     sampling = resolve_sampling(manifest.presets, manifest.default_preset, preset, steps, mu, std, guidance)
     gh, gw = token_grid(height, width)
     shape = (len(prompts), gh * gw, NOISE_SHAPE_TAIL)
+    batch_index = check_batch_index(batch_index)
     if noise is not None:
-        z0, seed = check_noise(noise, shape), None
-        batch_index = check_batch_index(batch_index)
-    else:
-        seed, batch_index = check_seed(seed), check_batch_index(batch_index)
-        z0 = None
-    ids = tuple(tuple(tokenizer.encode(p)) for p in prompts)
-    if z0 is None:
-        z0 = seeded_noise(seed, shape, batch_index)
-    return Request(tuple(prompts), ids, width, height, sampling, seed, batch_index, z0)
+        return Arguments(tuple(prompts), width, height, sampling, None, batch_index, check_noise(noise, shape))
+    return Arguments(tuple(prompts), width, height, sampling, check_seed(seed), batch_index, None)
+
+
+def prepare(manifest, tokenizer, prompts, **kwargs) -> Request:
+    """Check everything (check_arguments, then the tokenizer's checks and tokenisation) and draw the noise.
+    `prompts` may also be the Arguments of an earlier check_arguments (then no keyword arguments)."""
+    a = prompts if isinstance(prompts, Arguments) else check_arguments(manifest, prompts, **kwargs)
+    ids = tuple(tuple(tokenizer.encode(tokenizer.check_prompt(p))) for p in a.prompts)
+    gh, gw = token_grid(a.height, a.width)
+    z0 = a.noise if a.noise is not None else \
+        seeded_noise(a.seed, (len(a.prompts), gh * gw, NOISE_SHAPE_TAIL), a.batch_index)
+    return Request(a.prompts, ids, a.width, a.height, a.sampling, a.seed, a.batch_index, z0)

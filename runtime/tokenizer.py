@@ -233,6 +233,23 @@ def _chars_per_token(tokenizer: Tokenizer) -> int | None:
 
 # ------------------------------------------------------------------------------ tokenizer
 
+def check_prompt_text(prompt: Any, max_tokens: int = MAX_TEXT_TOKENS) -> str:
+    """The prompt checks that need no tokenizer: a str, not empty or whitespace-only, valid Unicode."""
+    if not isinstance(prompt, str):
+        raise PromptError(f"prompt must be a str, got {type(prompt).__name__}; allowed: a non-empty string "
+                          f"of at most {max_tokens} tokens including the chat template")
+    if not prompt.strip():
+        raise PromptError(f"prompt is empty{' (whitespace only)' if prompt else ''}; allowed: a non-empty "
+                          f"string of at most {max_tokens} tokens including the chat template "
+                          "(prompts are never rewritten)")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"prompt is not valid Unicode (lone surrogate {prompt[e.start]!r} at index "
+                          f"{e.start}); allowed: a string of Unicode characters") from None
+    return prompt
+
+
 class PromptTokenizer:
     def __init__(self, tokenizer: Tokenizer, chat_template: str, special_tokens: dict[str, str] | None = None,
                  max_tokens: int = MAX_TEXT_TOKENS, template_source: str = "chat_template",
@@ -290,19 +307,8 @@ class PromptTokenizer:
     # -------------------------------------------------------------------------- prompt → text → ids
 
     def check_prompt(self, prompt: Any) -> str:
-        """Type / emptiness / Unicode checks (everything that needs no tokenisation)."""
-        if not isinstance(prompt, str):
-            raise PromptError(f"prompt must be a str, got {type(prompt).__name__}; allowed: a non-empty string "
-                              f"of at most {self.max_tokens} tokens including the chat template")
-        if not prompt.strip():
-            raise PromptError(f"prompt is empty{' (whitespace only)' if prompt else ''}; allowed: a non-empty "
-                              f"string of at most {self.max_tokens} tokens including the chat template "
-                              "(prompts are never rewritten)")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise PromptError(f"prompt is not valid Unicode (lone surrogate {prompt[e.start]!r} at index "
-                              f"{e.start}); allowed: a string of Unicode characters") from None
+        """Type / emptiness / Unicode checks and the provable length bound (everything without tokenisation)."""
+        check_prompt_text(prompt, self.max_tokens)
         if self._chars_per_token and len(prompt) > self.max_tokens * self._chars_per_token:
             # provably over the limit: refuse without tokenising megabytes
             raise PromptError(f"prompt has {len(prompt)} characters, more than {self.max_tokens} tokens can hold; "
