@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--quantize", choices=["fp8"], default="fp8",
                    help="quantize unquantized (bf16/fp32) Linears to FP8 at export (default; FP8 ones are kept)")
     q.add_argument("--keep-dtype", action="store_true", help="export unquantized Linears as bf16 instead")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars (they are off anyway when stderr is not a terminal)")
     args = ap.parse_args(argv)
     from .checkpoint import CheckpointError
     from .export import ExportOptions, export
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = ExportOptions(attention_form=args.attention, weights="keep" if args.keep_dtype else "fp8",
                          progress=not args.no_progress and sys.stderr.isatty())
     t0 = time.perf_counter()
+    restore = errors.install_sigterm_handler()
     try:
-        errors.install_sigterm_handler()
         manifest = export(args.checkpoint, args.out, opts)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyboardInterrupt, errors.Terminated) as e:
         print(f"error: {errors.message(e)}", file=sys.stderr)
         return errors.exit_code(e)
+    finally:
+        restore()
     synthetic = manifest["source"]["synthetic"]
     print(f"exported {len(manifest['components'])} components to {args.out} in {time.perf_counter() - t0:.1f} s")
     if synthetic:

@@ -175,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=1024, help=f"image height in pixels: {side}")
     g.add_argument("--output", default="out.png", help="PNG path, must end in .png (with several prompts: "
                                                        "<stem>-<i>.png)")
-    g.add_argument("--backend", default="auto", help="auto, tensorrt, tensorrt-rtx, onnxruntime-cuda, onnxruntime-cpu")
+    g.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx", "onnxruntime-cuda",
+                                                          "onnxruntime-cpu"],
+                   help="auto: the fastest that works here (TensorRT, then onnxruntime CUDA, then CPU)")
     g.add_argument("--uncond-device", type=int, default=None,
                    help="onnxruntime-cuda: run the unconditional DiT on this GPU, concurrently (CFG-parallel)")
     g.add_argument("--dequantize-at-load", action="store_true",
@@ -193,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(func, args) -> int:
     """Run a command; every expected failure becomes one `error:` line and its documented exit code."""
+    restore = errors.install_sigterm_handler()
     try:
-        errors.install_sigterm_handler()
         return func(args)
     except BaseException as e:           # noqa: BLE001 -- KeyboardInterrupt and SIGTERM included
         if isinstance(e, SystemExit):
@@ -207,6 +209,8 @@ def run_command(func, args) -> int:
             traceback.print_exc()
         print(f"error: {errors.message(e)}", file=sys.stderr)
         return code
+    finally:
+        restore()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,14 +75,16 @@ def epilog(width: int = 100) -> str:
                                                      subsequent_indent=" " * 7) for code, meaning in EXIT_CODES)
 
 
-def install_sigterm_handler() -> None:
-    """SIGTERM raises `Terminated` in the main thread (a plain SIGTERM would skip every cleanup)."""
+def install_sigterm_handler():
+    """SIGTERM raises `Terminated` in the main thread (a plain SIGTERM would skip every cleanup). Returns a
+    function that restores the previous handler (for callers that run a command in-process)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return
+        return lambda: None
 
     def handler(signum, frame):
         raise Terminated()
-    signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
