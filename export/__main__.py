@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = ExportOptions(attention_form=args.attention, weights="keep" if args.keep_dtype else "fp8",
                          progress=not args.no_progress and sys.stderr.isatty())
     t0 = time.perf_counter()
-    restore = errors.install_sigterm_handler()
+    restore = errors.install_signal_handlers()
     try:
         manifest = export(args.checkpoint, args.out, opts)
     except CheckpointError as e:

@@ -28,6 +28,7 @@ from ..runtime import latents as latent_tables
 from ..runtime.manifest import LOAD_DEQUANTIZED     # <c>.<twin>_dql.onnx: the twin with its FP8 weights as bf16 inputs
 from ..runtime.packing import MAX_ASPECT, MAX_SIDE, MAX_TEXT_TOKENS, MIN_SIDE, PIXELS_PER_TOKEN
 from ..runtime.schedule import DEFAULT_PRESET, PRESETS, TAU_MAX, TAU_MIN
+from ..runtime.errors import check_interrupted
 from ..runtime.tempfiles import temp_name
 from .checkpoint import Checkpoint, Component, TensorSource, open_checkpoint
 from .dit import rope_inv_freq
@@ -259,6 +260,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
         components = {}
         dequantize = _write_dequantize(tmp)
         for name in COMPONENTS:
+            check_interrupted()
             comp = ckpt.components[SOURCE[name]]
             if SOURCE[name] not in hashes:
                 hashes[SOURCE[name]] = {f.name: _hash(f, known) for f in comp.files.files}
@@ -320,6 +322,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
             manifest["engines"] = engines
         validate_manifest(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        check_interrupted()     # a Ctrl-C swallowed by a destructor must not let the export commit
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

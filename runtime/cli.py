@@ -95,6 +95,7 @@ def cmd_generate(args) -> int:
     args.bar = _ProgressBar() if show else None
     result = pipe.run(request, args.bar)
     s = result.sampling
+    errors.check_interrupted()
     save_pngs([(image, out, png_metadata(request, i, pipe.backend.name, bool(synthetic)))
                for i, (image, out) in enumerate(zip(result.images, outputs))])
     report = {"outputs": [str(o) for o in outputs], "backend": pipe.backend.name, "width": request.width,
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(func, args) -> int:
     """Run a command; every expected failure becomes one `error:` line and its documented exit code."""
-    restore = errors.install_sigterm_handler()
+    restore = errors.install_signal_handlers()
     try:
         return func(args)
     except BaseException as e:           # noqa: BLE001 -- KeyboardInterrupt and SIGTERM included

@@ -75,16 +75,36 @@ def epilog(width: int = 100) -> str:
                                                      subsequent_indent=" " * 7) for code, meaning in EXIT_CODES)
 
 
-def install_sigterm_handler():
-    """SIGTERM raises `Terminated` in the main thread (a plain SIGTERM would skip every cleanup). Returns a
-    function that restores the previous handler (for callers that run a command in-process)."""
+_pending: list[int] = []     # signals received whose exception may have been swallowed (raised inside a __del__)
+
+
+def install_signal_handlers():
+    """SIGINT raises KeyboardInterrupt and SIGTERM `Terminated` in the main thread (a plain SIGTERM would skip
+    every cleanup). Python ignores an exception raised inside a destructor, so a signal that lands in one would
+    be lost: each is also remembered, and `check_interrupted()` at the commands' commit points (before an
+    export replaces its folder, before PNGs are renamed) raises it again. Returns a function that restores the
+    previous handlers (for callers that run a command in-process)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
+    _pending.clear()
 
     def handler(signum, frame):
-        raise Terminated()
-    previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+        _pending.append(signum)
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore():
+        _pending.clear()
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    return restore
+
+
+def check_interrupted() -> None:
+    """Raise the exception of a signal received earlier whose exception was swallowed."""
+    import signal
+    if _pending:
+        raise KeyboardInterrupt() if _pending[0] == signal.SIGINT else Terminated()
