@@ -28,11 +28,12 @@ class _ProgressBar:
     def __call__(self, done: int, total: int) -> None:
         width = 30
         fill = int(width * done / total)
+        self.open = True                 # before printing: a signal may arrive right after
         print(f"\r  denoising [{'#' * fill}{'.' * (width - fill)}] {done}/{total}", end="", file=self.stream,
               flush=True)
-        self.open = done != total
         if done == total:
             print(file=self.stream)
+            self.open = False
 
 
 def output_paths(output: str, n: int) -> list[Path]:
