@@ -85,6 +85,7 @@ def install_signal_handlers():
     export replaces its folder, before PNGs are renamed) raises it again. Returns a function that restores the
     previous handlers (for callers that run a command in-process)."""
     import signal
+    import sys
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -94,10 +95,16 @@ def install_signal_handlers():
     def handler(signum, frame):
         _pending.append(signum)
         raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+    def unraisable(u):          # the swallowed signal is remembered above: no "Exception ignored" traceback
+        if not isinstance(u.exc_value, (KeyboardInterrupt, Terminated)):
+            previous_hook(u)
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
 
     def restore():
         _pending.clear()
+        sys.unraisablehook = previous_hook
         for sig, h in previous.items():
             signal.signal(sig, h)
     return restore
