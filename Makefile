@@ -57,7 +57,7 @@ $(DEFAULT_CHECKPOINT)/synthetic.json: | $(BIN)/.installed
 python:
 	@test -n "$(PY)" || { echo "error: no Python >= 3.11 found (tried $(PY_CANDIDATES)); install one or pass PY=/path/to/python3.11+" >&2; exit 1; }
 	@$(PY) -c '$(PY_OK)' 2>/dev/null || { echo "error: PY=$(PY) is not a working Python >= 3.11; pass PY=/path/to/python3.11+" >&2; exit 1; }
-	@echo $(PY)
+	@echo "$(PY)"
 
 $(BIN)/.installed: pyproject.toml
 	@$(MAKE) -s --no-print-directory python >/dev/null
