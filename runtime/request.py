@@ -86,7 +86,7 @@ def _real(name: str, v, lo: float, hi: float, lo_open: bool = False) -> float:
         raise ValueError(f"{name}={v!r} must be a number; allowed: {allowed}")
     f = float(v)
     if not math.isfinite(f) or f > hi or f < lo or (lo_open and f == lo):
-        raise ValueError(f"{name}={v!r} outside the allowed range; allowed: {allowed}")
+        raise ValueError(f"{name}={f!r} outside the allowed range; allowed: {allowed}")
     return f
 
 
