@@ -348,3 +348,15 @@ def test_matrix_covers_every_exit_code():
     documented = {code for code, _ in errors.EXIT_CODES} - {errors.OK, errors.INTERNAL}
     assert documented <= covered, documented - covered
     assert len(ROWS) >= 40
+
+
+def test_exit_codes_documented_identically():
+    """docs/runtime.md's table and the --help epilog are errors.EXIT_CODES, row for row."""
+    import textwrap
+    from ideogram4_engine.runtime.cli import build_parser
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "runtime.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d+) \| (.+?) \|$", docs.split("## Exit codes", 1)[1].split("\n## ", 1)[0], re.M)
+    assert [(int(c), m) for c, m in rows] == list(errors.EXIT_CODES)
+    helptext = " ".join(build_parser().format_help().split())
+    for code, meaning in errors.EXIT_CODES:
+        assert f"{code} {' '.join(textwrap.wrap(meaning, 10**6))}" in helptext, code
