@@ -19,7 +19,7 @@ PRESET ?= V4_DEFAULT_20
 OUTPUT ?= out.png
 ATTENTION ?= op
 
-.PHONY: run reference test checkpoint export engines clean python
+.PHONY: run reference test checkpoint export engines clean kernels python
 
 # `user X` is X as the user gave it (command line or environment: never expanded by make, so `$`, `$(…)`
 # and backticks stay text) or the Makefile's default. run/reference hand their values to the commands only
@@ -67,8 +67,15 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[build,ort-cpu,test,trt-rtx]'
 	touch $@
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed kernels
 	$(BIN)/python -m pytest -q
+
+# The fused CUDA kernels for onnxruntime's CUDA provider (kernels/, docs/runtime.md): nvcc 13 and network to
+# Debian once (onnxruntime's API headers are cached under build/). ARCHES="90" builds for Hopper only.
+KERNELS_LIB := build/kernels/libideogram4_kernels.so
+kernels: $(KERNELS_LIB)
+$(KERNELS_LIB): kernels/build.sh kernels/fused.h kernels/fused.cu kernels/ort_ops.cu
+	bash kernels/build.sh
 
 checkpoint: $(BIN)/.installed
 	$(BIN)/python -m ideogram4_engine.export.synthetic --config $(CONFIG) --out $(call given,OUT,checkpoints/$(CONFIG)) --seed $(SEED)

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ..runtime import latents as latent_tables
-from ..runtime.manifest import LOAD_DEQUANTIZED     # <c>.<twin>_dql.onnx: the twin with its FP8 weights as bf16 inputs
+from ..runtime.manifest import FUSED, LOAD_DEQUANTIZED     # <c>.<twin>_dql.onnx: the twin with its FP8 weights as bf16 inputs
 from ..runtime.packing import MAX_ASPECT, MAX_SIDE, MAX_TEXT_TOKENS, MIN_SIDE, PIXELS_PER_TOKEN
 from ..runtime.schedule import DEFAULT_PRESET, PRESETS, TAU_MAX, TAU_MIN
 from ..runtime.errors import check_interrupted
@@ -37,17 +37,19 @@ from .fp8 import quantize_rows
 from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
 from .graphs.rewrite import (bf16_to_fp32_emulation, cpu_dequantized_at_load, cuda_dequantized_at_load, for_cuda,
                              fp8_weights)
+from .graphs.fuse import cuda_fused_dequantized_at_load, for_cuda_fused, kernels_section
 from .inventory import scale_name
 
 MANIFEST_FORMAT_VERSION = 2  # 2: tokenizer.files (sha256 of the tokenizer and chat template); runtime FORMAT_VERSIONS
-EXPORTER_VERSION = 8          # bump whenever the graphs an unchanged checkpoint exports would change (7: reverted RoPE rewrite)
+EXPORTER_VERSION = 9          # bump whenever the graphs an unchanged checkpoint exports would change (9: cuda_fused twins)
 COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
 SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond": "unconditional_transformer",
           "vae_decoder": "vae"}
 WEIGHT_MODES = ("fp8", "keep")
 SCHEMA = Path(__file__).with_name("manifest.schema.json")
 VARIANTS = {"cuda": for_cuda, "cpu": bf16_to_fp32_emulation,       # graph file suffix -> rewrite of the bf16 graph
-            "cuda" + LOAD_DEQUANTIZED: cuda_dequantized_at_load, "cpu" + LOAD_DEQUANTIZED: cpu_dequantized_at_load}
+            "cuda" + LOAD_DEQUANTIZED: cuda_dequantized_at_load, "cpu" + LOAD_DEQUANTIZED: cpu_dequantized_at_load,
+            "cuda" + FUSED: for_cuda_fused, "cuda" + FUSED + LOAD_DEQUANTIZED: cuda_fused_dequantized_at_load}
 GRAPH_USE = {"bf16": "canonical bf16 graph: TensorRT / TensorRT-RTX engines are built from it",
              "cuda": "onnxruntime CUDAExecutionProvider (bf16; ops without bf16 CUDA kernels run in fp32; FP8 linears "
                      "as com.microsoft.MatMulBlockQuantizedFp8Weight, onnxruntime-gpu >= 1.31; the DiTs' attention "
@@ -55,7 +57,10 @@ GRAPH_USE = {"bf16": "canonical bf16 graph: TensorRT / TensorRT-RTX engines are 
              "cpu": "onnxruntime CPUExecutionProvider (fp32 compute, bf16 rounding after every op)",
              "cuda_dql": "the cuda twin with every FP8 weight a bf16 input, dequantized once at load by the "
                          "component's `dequantize` graph (onnxruntime `dequantize_at_load`)",
-             "cpu_dql": "the cpu twin with every FP8 weight a bf16 input (as cuda_dql)"}
+             "cpu_dql": "the cpu twin with every FP8 weight a bf16 input (as cuda_dql)",
+             "cuda_fused": "the cuda twin with its elementwise chains (modulation, gated residuals, q/k norm + "
+                           "rotation, SiLU-up) as the ideogram4 fused CUDA ops of the kernels library (see `kernels`)",
+             "cuda_fused_dql": "the cuda_dql twin with the same fused ops"}
 
 
 @dataclass(frozen=True)
@@ -158,8 +163,8 @@ def exporter_fingerprint() -> str:
     if EXPORTER_VERSION was not bumped."""
     h = hashlib.sha256()
     root = Path(__file__).parent
-    # engines.py builds from the exported graphs and keeps its own build keys: not part of the graphs' source
-    for f in sorted(p for p in root.rglob("*.py") if p.name != "engines.py") + [SCHEMA]:
+    # engines/ builds from the exported graphs and keeps its own build keys: not part of the graphs' source
+    for f in sorted(p for p in root.rglob("*.py") if p.relative_to(root).parts[0] != "engines") + [SCHEMA]:
         h.update(f.relative_to(root).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()
@@ -281,13 +286,19 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
                     bar.refresh()
                 builder, mode = _build(name, ckpt, graph, opts, progress)
                 model = builder.save(graph)
+            paths: dict[str, Path] = {}
+            written: dict[bytes, Path] = {}         # a fused variant with nothing to fuse shares its twin's file
             for variant, rewrite in VARIANTS.items():
-                onnx.save(rewrite(model), str(tmp / f"{name}.{variant}.onnx"))
-            variants = list(VARIANTS)
+                data = rewrite(model).SerializeToString()
+                if FUSED in variant and data in written:
+                    paths[variant] = written[data]
+                    continue
+                paths[variant] = tmp / f"{name}.{variant}.onnx"
+                paths[variant].write_bytes(data)
+                written.setdefault(data, paths[variant])
             ins, outs, call = component_io(name, ckpt)
             components[name] = {
-                "graphs": {"bf16": _file_entry(graph),
-                           **{v: _file_entry(tmp / f"{name}.{v}.onnx") for v in variants}},
+                "graphs": {"bf16": _file_entry(graph), **{v: _file_entry(p) for v, p in paths.items()}},
                 "data": _file_entry(tmp / f"{name}.onnx.data"),
                 "inputs": ins, "outputs": outs, "call": call, "cache_key": key,
                 "weights": mode, "initializer_bytes": builder.weight_bytes,
@@ -318,6 +329,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
             **static,
             "components": components,
         }
+        manifest["kernels"] = kernels_section()
         if engines:
             manifest["engines"] = engines
         validate_manifest(manifest)
@@ -432,7 +444,7 @@ def _reuse(old: dict | None, out: Path, tmp: Path, name: str, key: str) -> dict 
     entry = (old or {}).get("components", {}).get(name)
     if not entry or entry.get("cache_key") != key:
         return None
-    files = [*entry["graphs"].values(), entry["data"]]
+    files = list({f["file"]: f for f in [*entry["graphs"].values(), entry["data"]]}.values())
     if any(not (out / f["file"]).is_file() or (out / f["file"]).stat().st_size != f["bytes"] for f in files):
         return None
     for f in files:

@@ -138,6 +138,8 @@ def cmd_info(args) -> int:
         except backends.BackendUnavailable as e:
             avail.append(f"{b}: unavailable ({str(e).splitlines()[0]})")
     lines.append("backends here:\n  " + "\n  ".join(avail))
+    from .backends.tensorrt.memory import memory_report
+    lines += memory_report(m)          # GPU memory per TensorRT memory_mode (an estimate)
     print("\n".join(lines))
     return 0
 

@@ -30,6 +30,7 @@ REQUIRED_SECTIONS = ("format", "format_version", "exporter", "source", "model", 
 REQUIRED_COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
 REQUIRED_VARIANTS = ("bf16", "cuda", "cpu")
 LOAD_DEQUANTIZED = "_dql"               # suffix of the graph variants that take their FP8 weights as bf16 inputs
+FUSED = "_fused"                        # cuda<FUSED>[_dql]: the cuda twins with the project's fused CUDA ops
 REQUIRED_LIMITS = ("min_side", "max_side", "multiple", "max_aspect", "max_text_tokens")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 HASH_CHUNK = 8 << 20
@@ -140,6 +141,11 @@ class Manifest:
             raise ManifestError(f"{self.path}: component {component!r} has no {variant!r} graph; "
                                 f"allowed: {', '.join(graphs)}")
         return self.root / graphs[variant]["file"]
+
+    def fused_variant(self, variant: str) -> str | None:
+        """The graph variant standing for `variant` with the fused CUDA ops of the kernel library ("cuda" ->
+        "cuda_fused"), or None when the export has none (exported before them, or not a cuda variant)."""
+        return (self.raw.get("kernels") or {}).get("variants", {}).get(variant)
 
     def data_path(self, component: str) -> Path | None:
         data = self.component(component).get("data")
@@ -295,6 +301,11 @@ def _check(raw: dict, path: Path) -> None:
     if missing:
         c.fail(f"component(s) {', '.join(missing)} missing from `components` (has: {', '.join(comps) or 'none'}); "
                "re-run `make export`")
+    kern = raw.get("kernels")
+    if kern is not None:
+        if not (isinstance(kern, dict) and isinstance(kern.get("domain"), str) and isinstance(kern.get("variants"), dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in kern["variants"].items())):
+            c.fail("`kernels` must be an object with `domain` (a string) and `variants` (stock -> fused variant names)")
     for name, comp in comps.items():
         if not isinstance(comp, dict):
             c.fail(f"`components.{name}` must be an object, found {_describe(comp)}")
@@ -305,6 +316,9 @@ def _check(raw: dict, path: Path) -> None:
             c.fail(f"`components.{name}.graphs` lacks the {', '.join(absent)} graph(s)")
         for variant, entry in graphs.items():
             c.file_entry(entry, f"components.{name}.graphs.{variant}")
+        lacking = [v for v in (kern or {}).get("variants", {}).values() if v not in graphs]
+        if lacking:
+            c.fail(f"`components.{name}.graphs` lacks the {', '.join(lacking)} graph(s) that `kernels.variants` names")
         if comp.get("data") is not None:
             c.file_entry(comp["data"], f"components.{name}.data")
         if comp.get("dequantize") is not None:

@@ -3,7 +3,11 @@
 #   stage   : unpack onnxruntime-gpu staged by ../shared/device/stage-ort-gpu.sh (parts in /root/stage)
 #   prepare : synthetic checkpoint (CONFIG, default full) written on the GPU + export
 #   eager   : torch reference, eager           compiled : torch reference under torch.compile
-#   runtime : lean runtime on onnxruntime CUDA      profile : onnxruntime profiler, one dit_cond forward
+#   runtime : lean runtime on onnxruntime CUDA (the cuda_fused graphs with the kernel library: the default)
+#   runtime-stock: the same with the stock cuda graphs (fused_kernels=false); runtime-dqload[-stock] likewise
+#   profile : onnxruntime profiler + CUPTI kernels, one dit_cond forward (profile-stock: the stock graphs)
+#   kernels : scripts/gpu_kernel_check.py: each fused op vs the unfused subgraph on CUDA, then tiny and full-width
+#             end to end (fused vs stock latents); needs build/kernels/libideogram4_kernels.so (carry it)
 #   runtime-<variant>: the runtime with backend options (see the case list; docs/tuning.md says why each);
 #   probe   : scripts/gpu_op_probe.py (fused-op support, speed and bit-identity at the model's shapes); PROBE_ONLY=<text> runs only matching cases
 #   memory  : scripts/runtime_memory.py (memory after load and after a generation, per weight mode and arena)
@@ -26,6 +30,10 @@ for stage in "$@"; do
     eager)    $B reference --root "$ROOT" --device cuda --cases "$CASES" || rc=$? ;;
     compiled) $B reference --root "$ROOT" --device cuda --compile --cases "$CASES" || rc=$? ;;
     runtime)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" || rc=$? ;;
+    runtime-stock)   $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option fused_kernels=false || rc=$? ;;
+    runtime-dqload-stock) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true --option fused_kernels=false || rc=$? ;;
+    kernels)  python3 scripts/gpu_kernel_check.py --out "${OUT:-/tmp}" ${KERNEL_CHECK_ARGS:-} || rc=$? ;;
+    profile-stock) $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 --option fused_kernels=false || rc=$? ;;
     runtime-dqload)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true || rc=$? ;;
     runtime-cfg)     $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option uncond_device_id=1 || rc=$? ;;
     runtime-pow2)    $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option arena_extend_strategy=kNextPowerOfTwo || rc=$? ;;

@@ -61,7 +61,7 @@ def test_accessors(engines):
     assert m.synthetic is not None and m.synthetic["config"] == "tiny"
     assert set(COMPONENTS) <= set(m.components)
     for name in COMPONENTS:
-        assert m.variants(name) == ("bf16", "cuda", "cpu", "cuda_dql", "cpu_dql")
+        assert m.variants(name) == ("bf16", "cuda", "cpu", "cuda_dql", "cpu_dql", "cuda_fused", "cuda_fused_dql")
         for variant in m.variants(name):
             assert m.graph_path(name, variant).is_file()
         assert m.graph_path(name, "bf16") == engines.absolute() / f"{name}.onnx"
@@ -209,9 +209,10 @@ def test_verify_cache(copy, monkeypatch):
     monkeypatch.setattr(manifest_mod, "_sha256", lambda p, *a: calls.append(Path(p).name) or real(p, *a))
     assert verify(m, ["text_encoder"]) == ["text_encoder.onnx", "text_encoder.cuda.onnx", "text_encoder.cpu.onnx",
                                            "text_encoder.cuda_dql.onnx", "text_encoder.cpu_dql.onnx",
+                                           "text_encoder.cuda_fused.onnx", "text_encoder.cuda_fused_dql.onnx",
                                            "text_encoder.onnx.data", "dequantize.onnx"]
     first = len(calls)
-    assert first == 7
+    assert first == 9
     assert verify(m, ["text_encoder"]) == [] and len(calls) == first          # nothing re-read
     assert verify(load_manifest(copy), ["text_encoder.onnx"]) == []           # a fresh Manifest shares it
     # a changed file is read again even if its mtime is put back (size/mtime/ctime/inode make the key)

@@ -1,4 +1,5 @@
-"""onnxruntime backend: CPU (`*.cpu.onnx`) or CUDA (`*.cuda.onnx`) execution provider, through IO binding.
+"""onnxruntime backend: CPU (`*.cpu.onnx`) or CUDA (`*.cuda_fused.onnx` with the project's fused-kernel library,
+else `*.cuda.onnx`) execution provider, through IO binding.
 
 Inputs and outputs are OrtValues on the provider's device: static inputs (text features, RoPE tables) are
 uploaded once per request and the sampler state never leaves the GPU between steps.
@@ -18,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..manifest import LOAD_DEQUANTIZED
+from .. import kernels
+from ..manifest import FUSED, LOAD_DEQUANTIZED
 from .base import BackendUnavailable
 
 VARIANT = {"cpu": "cpu", "cuda": "cuda"}
@@ -30,7 +32,8 @@ class OnnxRuntimeBackend:
     def __init__(self, manifest, device: str = "cpu", device_id: int = 0, threads: int | None = None,
                  components: tuple[str, ...] | None = None,
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
-                 uncond_device_id: int | None = None, shared_arena: bool = True, before_load=None):
+                 uncond_device_id: int | None = None, shared_arena: bool = True,
+                 fused_kernels: bool | None = None, kernels_library: str | None = None, before_load=None):
         """Constant folding is on for CUDA (it computes the FP8 MatMuls' fp32 row scales once; no DequantizeLinear
         of an initializer is left in those graphs) and off for the CPU, whose twin dequantizes every e4m3 weight
         per run and would otherwise hold them all as fp32.
@@ -46,7 +49,13 @@ class OnnxRuntimeBackend:
         49.3 → 35.3 GiB). The arena is per process: the first backend's arena_extend_strategy stays.
         CUDA sessions run without onnxruntime's memory pattern (it added a block per session on the second run:
         +4 GiB at 1024², no speed) and with the heuristic cuDNN convolution search (the exhaustive one costs the
-        VAE's first decode ~1.2 s more; same decode time after it)."""
+        VAE's first decode ~1.2 s more; same decode time after it).
+        fused_kernels (CUDA): None (default) runs the `cuda_fused` graphs — the elementwise chains as the project's
+        fused CUDA ops (kernels/, runtime/kernels.py) — when the export has them and the library loads and has
+        code for the GPU, else the stock cuda graphs with one FusedKernelsOff warning saying why (the environment
+        variable IDEOGRAM4_FUSED_KERNELS=0 also turns them off); True requires them (BackendUnavailable
+        otherwise); False runs the stock graphs (A/B). kernels_library: the library's path (default:
+        $IDEOGRAM4_KERNELS_LIBRARY, else the checkout's build/kernels/libideogram4_kernels.so)."""
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -62,8 +71,7 @@ class OnnxRuntimeBackend:
         self.ort = ort
         self.name = f"onnxruntime-{device}"
         self.graph_variant = VARIANT[device] + (LOAD_DEQUANTIZED if dequantize_at_load else "")
-        if before_load is not None:     # e.g. the Pipeline's sha256 check: graphs are hashed before they are parsed
-            before_load(self.graph_variant)
+        self._before_load = before_load     # e.g. the Pipeline's sha256 check: graphs are hashed before parsing
         self.device, self.device_id = device, device_id
         self.manifest = manifest
         self._threads, self._arena = threads, arena_extend_strategy
@@ -73,9 +81,17 @@ class OnnxRuntimeBackend:
         if shared_arena:
             for dev in sorted(set(self.devices.values())):
                 _register_shared_arena(ort, device, dev, arena_extend_strategy or "kSameAsRequested")
+        self.kernels_library = self._kernels(fused_kernels, kernels_library) if device == "cuda" else None
         self._opts = self._options(shared_arena)
-        self.sessions = {c: self._session(manifest.graph_path(c, self.graph_variant), self.devices[c])
-                         for c in names}
+        try:
+            self.sessions = self._sessions(names)
+        except BackendUnavailable as e:
+            if self.kernels_library is None or fused_kernels:
+                raise
+            _warn_fused_off(f"{e}")        # e.g. a library this onnxruntime refuses: the stock graphs still run
+            self.kernels_library, self.graph_variant = None, self.graph_variant.replace(FUSED, "")
+            self._opts = self._options(shared_arena)
+            self.sessions = self._sessions(names)
         self._outputs = {c: [o.name for o in s.get_outputs()] for c, s in self.sessions.items()}
         self._weights: dict[str, Any] = {}      # component -> IO binding holding its bf16 weights
         self._keep: list = []                   # dequantization sessions: their arenas hold the weights
@@ -89,8 +105,36 @@ class OnnxRuntimeBackend:
             from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ort-cfg")
 
+    def _kernels(self, wanted: bool | None, library: str | None):
+        """The fused-kernel library's path when the fused graphs are to run (and graph_variant set to them), else
+        None; one warning when the export has fused graphs but the library cannot serve these GPUs."""
+        fused = self.manifest.fused_variant(self.graph_variant)
+        if wanted is False or (wanted is None and kernels.switched_off()):
+            return None
+        if fused is None:
+            if wanted:
+                raise BackendUnavailable(f"{self.manifest.path} has no fused CUDA graphs (exported before they "
+                                         "existed): re-run `make export`")
+            return None
+        try:
+            path = kernels.check(library, self.devices.values())
+        except kernels.KernelsUnavailable as e:
+            if wanted:
+                raise BackendUnavailable(str(e)) from None
+            _warn_fused_off(str(e))
+            return None
+        self.graph_variant = fused
+        return path
+
+    def _sessions(self, names) -> dict:
+        if self._before_load is not None:
+            self._before_load(self.graph_variant)
+        return {c: self._session(self.manifest.graph_path(c, self.graph_variant), self.devices[c]) for c in names}
+
     def _options(self, shared_arena: bool):
         opts = self.ort.SessionOptions()
+        if getattr(self, "kernels_library", None):
+            opts.register_custom_ops_library(str(self.kernels_library))
         if self._threads:
             opts.intra_op_num_threads = self._threads
         opts.log_severity_level = 3
@@ -214,6 +258,15 @@ class OnnxRuntimeBackend:
             return [self.run(c, i) for c, i in calls]
         futures = [self._pool.submit(self.run, c, i) for c, i in calls]
         return [f.result() for f in futures]
+
+
+class FusedKernelsOff(RuntimeWarning):
+    """The fused CUDA graphs could not be used; the stock CUDA graphs run instead."""
+
+
+def _warn_fused_off(why: str) -> None:
+    import warnings
+    warnings.warn(f"fused CUDA kernels off: {why}; running the stock CUDA graphs", FusedKernelsOff, stacklevel=4)
 
 
 _SHARED_ARENAS: set[tuple[str, int]] = set()     # (provider device, device id) registered in this process
