@@ -255,3 +255,23 @@ def test_seeded_noise_rows_are_the_batch_rows():
     for i in range(4):
         assert np.array_equal(seeded_noise(5, (1, 48, 128), batch_index=i)[0], full[i])
     assert np.array_equal(seeded_noise(5, (2, 48, 128), batch_index=1), full[1:3])
+
+
+def test_png_write_removes_dead_writers_temporaries_only(tmp_path):
+    """A PNG write of NAME removes `.NAME.tmp-PID` of dead processes, keeps a live one's, and leaves no temporary
+    of its own."""
+    import numpy as np
+    from ideogram4_engine.runtime.image import save_pngs
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        (tmp_path / f".o.png.tmp-{dead.pid}").write_bytes(b"half a png")
+        (tmp_path / f".o.png.tmp-{sleeper.pid}").write_bytes(b"being written")
+        (tmp_path / f".other.png.tmp-{dead.pid}").write_bytes(b"another name: not ours to judge")
+        save_pngs([(np.zeros((16, 16, 3), np.uint8), tmp_path / "o.png", {"prompt": "a\x00b\n😀"})])
+        assert _listing(tmp_path) == sorted([f".o.png.tmp-{sleeper.pid}", f".other.png.tmp-{dead.pid}", "o.png"])
+        assert Image.open(tmp_path / "o.png").text["prompt"] == "a\x00b\n😀"
+    finally:
+        sleeper.kill()
+        sleeper.wait()

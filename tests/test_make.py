@@ -70,6 +70,17 @@ def test_make_run_takes_the_prompt_from_the_environment_and_from_a_file(run_env)
     assert make_run(run_env, "file", [f"PROMPT_FILE={root / 'caption.json'}"]) == caption
 
 
+def test_make_reference_passes_the_prompt_byte_for_byte(run_env):
+    root, ckpt = run_env
+    prompt = HOSTILE.format(pwn=root / "pwned_ref") + "\nsecond line"
+    out = root / "ref.png"
+    r = make("-o", str(INSTALLED), "reference", f"VENV={PREFIX}", f"CHECKPOINT={ckpt}", f"OUTPUT={out}", "WIDTH=256",
+             "HEIGHT=256", "PRESET=V4_TURBO_12", f"PROMPT={prompt}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert Image.open(out).text["prompt"] == prompt
+    assert not (root / "pwned_ref").exists() and not (root / "pwned_ref2").exists()
+
+
 # ------------------------------------------------------------------------------------------- interpreter
 
 def _bin(tmp_path, **tools) -> Path:
