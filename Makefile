@@ -21,6 +21,8 @@ ATTENTION ?= op
 
 .PHONY: run reference test checkpoint export engines clean kernels python
 
+include kernels/w8a8.mk
+
 # `user X` is X as the user gave it (command line or environment: never expanded by make, so `$`, `$(…)`
 # and backticks stay text) or the Makefile's default. run/reference hand their values to the commands only
 # through the environment (I4_<NAME>, quoted "$$I4_<NAME>" in the recipe, the prompt through --prompt-env):
@@ -67,7 +69,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[build,ort-cpu,test,trt-rtx]'
 	touch $@
 
-test: $(BIN)/.installed kernels
+test: $(BIN)/.installed kernels $(W8A8_LIB)
 	$(BIN)/python -m pytest -q
 
 # The fused CUDA kernels for onnxruntime's CUDA provider (kernels/, docs/runtime.md): nvcc 13 and network to
@@ -104,4 +106,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python scripts/bench.py report --root $(BENCH_ROOT)
 
 clean:
-	rm -rf $(VENV) checkpoints engines/*/
+	rm -rf $(VENV) checkpoints engines/*/ build/kernels

@@ -38,6 +38,7 @@ from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
 from .graphs.rewrite import (bf16_to_fp32_emulation, cpu_dequantized_at_load, cuda_dequantized_at_load, for_cuda,
                              fp8_weights)
 from .graphs.fuse import cuda_fused_dequantized_at_load, for_cuda_fused, kernels_section
+from .graphs.w8a8 import for_cuda_w8a8
 from .inventory import scale_name
 
 MANIFEST_FORMAT_VERSION = 2  # 2: tokenizer.files (sha256 of the tokenizer and chat template); runtime FORMAT_VERSIONS
@@ -46,6 +47,8 @@ COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
 SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond": "unconditional_transformer",
           "vae_decoder": "vae"}
 WEIGHT_MODES = ("fp8", "keep")
+PRECISIONS = ("faithful", "w8a8")       # w8a8: also the cuda_w8a8 twins (FP8 activations; numerics change)
+PRECISION_VARIANTS = {"faithful": {}, "w8a8": {"cuda_w8a8": for_cuda_w8a8}}
 SCHEMA = Path(__file__).with_name("manifest.schema.json")
 VARIANTS = {"cuda": for_cuda, "cpu": bf16_to_fp32_emulation,       # graph file suffix -> rewrite of the bf16 graph
             "cuda" + LOAD_DEQUANTIZED: cuda_dequantized_at_load, "cpu" + LOAD_DEQUANTIZED: cpu_dequantized_at_load,
@@ -60,7 +63,11 @@ GRAPH_USE = {"bf16": "canonical bf16 graph: TensorRT / TensorRT-RTX engines are 
              "cpu_dql": "the cpu twin with every FP8 weight a bf16 input (as cuda_dql)",
              "cuda_fused": "the cuda twin with its elementwise chains (modulation, gated residuals, q/k norm + "
                            "rotation, SiLU-up) as the ideogram4 fused CUDA ops of the kernels library (see `kernels`)",
-             "cuda_fused_dql": "the cuda_dql twin with the same fused ops"}
+             "cuda_fused_dql": "the cuda_dql twin with the same fused ops",
+             "cuda_w8a8": "opt-in (`--precision w8a8`): the cuda twin with the DiT blocks' linears as W8A8 — per-token "
+                          "e4m3 activations x the stored e4m3 weights on FP8 tensor cores (custom ops of domain "
+                          "ideogram4.w8a8, build/kernels/libideogram4_w8a8.so); numerics differ from the faithful "
+                          "graphs"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,7 @@ class ExportOptions:
     weights: str = "fp8"           # fp8: float (unquantized) Linears are quantized to e4m3 at export with
                                    # the per-row RTN formula; FP8 ones are kept. keep: float Linears stay bf16
     progress: bool = True
+    precision: str = "faithful"    # w8a8: also write the cuda_w8a8 twins (docs/export.md)
 
 
 class QuantizingSource:
@@ -175,7 +183,9 @@ def _cache_key(name: str, ckpt: Checkpoint, opts: ExportOptions, file_hashes: di
     cfg = comp.config.to_dict() if hasattr(comp.config, "to_dict") else comp.config.__dict__
     blob = json.dumps({"exporter": EXPORTER_VERSION, "source": exporter_fingerprint(), "component": name,
                        "attention": opts.attention_form,
-                       "weights": opts.weights, "config": cfg, "files": file_hashes}, sort_keys=True, default=str)
+                       "weights": opts.weights, "config": cfg, "files": file_hashes,
+                       **({"precision": opts.precision} if opts.precision != "faithful" else {})},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -249,6 +259,10 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
         raise ValueError(f"attention form {opts.attention_form!r}; allowed: op, matmul")
     if opts.weights not in WEIGHT_MODES:
         raise ValueError(f"weights mode {opts.weights!r}; allowed: {', '.join(WEIGHT_MODES)}")
+    if opts.precision not in PRECISIONS:
+        raise ValueError(f"precision {opts.precision!r}; allowed: {', '.join(PRECISIONS)}")
+    rewrites = {**VARIANTS, **PRECISION_VARIANTS[opts.precision]}
+    graph_use = {v: GRAPH_USE[v] for v in ("bf16", *rewrites)}
     ckpt = open_checkpoint(checkpoint)
     log(ckpt.describe())
     out = Path(out).absolute()
@@ -287,10 +301,10 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
                 builder, mode = _build(name, ckpt, graph, opts, progress)
                 model = builder.save(graph)
             paths: dict[str, Path] = {}
-            written: dict[bytes, Path] = {}         # a fused variant with nothing to fuse shares its twin's file
-            for variant, rewrite in VARIANTS.items():
+            written: dict[bytes, Path] = {}         # a derived variant with nothing to change shares its twin's file
+            for variant, rewrite in rewrites.items():
                 data = rewrite(model).SerializeToString()
-                if FUSED in variant and data in written:
+                if (FUSED in variant or variant in PRECISION_VARIANTS[opts.precision]) and data in written:
                     paths[variant] = written[data]
                     continue
                 paths[variant] = tmp / f"{name}.{variant}.onnx"
@@ -310,7 +324,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
             log(f"{name}: {builder.weight_bytes / 1e6:.1f} MB of weights "
                 f"({builder.weight_bytes / comp.files.nbytes:.3f}x the checkpoint's), "
                 f"{time.perf_counter() - t0:.1f} s")
-        components["guided_step"] = _write_guided_step(tmp)
+        components["guided_step"] = _write_guided_step(tmp, graph_use)
         engines = _carry_engines(old, out, tmp)
         shutil.copytree(ckpt.root / "tokenizer", tmp / "tokenizer")
         static = _static_sections(ckpt)
@@ -321,10 +335,11 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
             "exporter": {"version": EXPORTER_VERSION, "opset": OPSET, "ir_version": IR_VERSION,
                          "attention_form": opts.attention_form,
                          "weights": _weights_summary({c["weights"] for c in components.values()}),
+                         "precision": [p for p in PRECISIONS if p in ("faithful", opts.precision)],
                          "tools": _tools()},
             "source": {"checkpoint": str(ckpt.root), "synthetic": ckpt.synthetic,
                        "files": _source_files(ckpt, hashes)},
-            "graph_variants": GRAPH_USE,
+            "graph_variants": graph_use,
             "model": _model_section(ckpt),
             **static,
             "components": components,
@@ -372,14 +387,14 @@ def _fp8_weight_table(model: onnx.ModelProto) -> list[dict]:
     return [{"input": q, "axis": axis, "weight": where(q), "scale": where(s)} for q, s, axis in fp8_weights(model)]
 
 
-def _write_guided_step(folder: Path) -> dict:
+def _write_guided_step(folder: Path, graph_use: dict[str, str]) -> dict:
     """The Euler/CFG update graph (fp32, no weights): one file serves every backend."""
     from .graphs.step import build_guided_step
     path = folder / "guided_step.onnx"
     build_guided_step().save(path)
     entry = _file_entry(path)
     f32 = lambda n, m, shape=("batch", "image_tokens", 128): _io(n, "float32", list(shape), m)  # noqa: E731
-    return {"graphs": {v: entry for v in GRAPH_USE},
+    return {"graphs": {v: entry for v in graph_use},
             "inputs": [f32("latents", "z"), f32("velocity_cond", "dit_cond output"),
                        f32("velocity_uncond", "dit_uncond output"),
                        f32("guidance", "g = guidance[i]", [1]), f32("one_minus_guidance", "1 - g (formed in float64)", [1]),

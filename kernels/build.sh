@@ -24,7 +24,7 @@ fi
 
 if [ ! -f "$headers/include/onnxruntime_cxx_api.h" ]; then
   echo "kernels/build.sh: fetching onnxruntime's C++ API headers (Debian libonnxruntime-dev) into $headers" >&2
-  mkdir -p "$build"                     # a fresh clone has no build/ yet
+  mkdir -p "$build"
   tmp=$(mktemp -d "$build/.ort-headers.XXXXXX")
   trap 'rm -rf "$tmp"' EXIT
   mkdir -p "$tmp/lists/partial"

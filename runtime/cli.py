@@ -55,17 +55,22 @@ def _backend_options(args) -> dict:
             raise ValueError(f"--dequantize-at-load needs --backend onnxruntime-cuda or onnxruntime-cpu "
                              f"(got --backend {args.backend})")
         options["dequantize_at_load"] = True
+    if args.precision != "faithful":
+        if args.backend != "onnxruntime-cuda":
+            raise ValueError(f"--precision {args.precision} needs --backend onnxruntime-cuda (got --backend {args.backend})")
+        options["precision"] = args.precision
     return options
 
 
-def png_metadata(request, index: int, backend: str, synthetic: bool) -> dict[str, str]:
+def png_metadata(request, index: int, backend: str, synthetic: bool, precision: str = "faithful") -> dict[str, str]:
     """What reproduces image `index` of a request (docs/runtime.md, "Reproducing an image")."""
     s = request.sampling
     return {"prompt": request.prompts[index], "seed": str(request.seed), "batch_index": str(request.batch_index + index),
             "batch_size": str(len(request.prompts)), "preset": s.preset or "custom", "steps": str(s.steps),
             "mu": repr(s.mu), "std": repr(s.std), "guidance": ",".join(map(repr, s.guidance)),
             "size": f"{request.width}x{request.height}", "model": MODEL_ID + (" SYNTHETIC weights" if synthetic else ""),
-            "backend": backend, "seed_generator": "numpy PCG64 standard_normal, row batch_index of the seed's stream"}
+            "backend": backend, "precision": precision,
+            "seed_generator": "numpy PCG64 standard_normal, row batch_index of the seed's stream"}
 
 
 def cmd_generate(args) -> int:
@@ -96,10 +101,12 @@ def cmd_generate(args) -> int:
     args.bar = _ProgressBar() if show else None
     result = pipe.run(request, args.bar)
     s = result.sampling
+    precision = getattr(pipe.backend, "precision", "faithful")      # what ran (w8a8 may have fallen back)
     errors.check_interrupted()
-    save_pngs([(image, out, png_metadata(request, i, pipe.backend.name, bool(synthetic)))
+    save_pngs([(image, out, png_metadata(request, i, pipe.backend.name, bool(synthetic), precision))
                for i, (image, out) in enumerate(zip(result.images, outputs))])
-    report = {"outputs": [str(o) for o in outputs], "backend": pipe.backend.name, "width": request.width,
+    report = {"outputs": [str(o) for o in outputs], "backend": pipe.backend.name, "precision": precision,
+              "width": request.width,
               "height": request.height, "preset": s.preset, "steps": s.steps, "seed": request.seed,
               "batch_index": request.batch_index, "text_tokens": [len(t) for t in result.token_ids],
               "synthetic": bool(synthetic), "timings": {"load_s": pipe.load_seconds, **result.timings}}
@@ -122,7 +129,8 @@ def cmd_info(args) -> int:
     lines = [f"engines: {m.root}",
              f"source: {raw['source']['checkpoint']}" + (" (SYNTHETIC weights)" if m.synthetic else ""),
              f"exporter v{raw['exporter']['version']}, opset {raw['exporter']['opset']}, attention "
-             f"{raw['exporter']['attention_form']}, weights {raw['exporter']['weights']}"]
+             f"{raw['exporter']['attention_form']}, weights {raw['exporter']['weights']}, precision "
+             f"{', '.join(m.precisions)}"]
     for name, c in m.components.items():
         size = sum(e["bytes"] for e in {e["file"]: e for e in [*c["graphs"].values(), *([c["data"]] if "data" in c else [])]}.values())
         lines.append(f"  {name:13s} {size / 1e6:10.1f} MB   inputs: {', '.join(i['name'] for i in c['inputs'])}")
@@ -187,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dequantize-at-load", action="store_true",
                    help="onnxruntime: dequantize the FP8 weights once at load, on the device (H100, 1024²: -4%% step "
                         "time, 58.5 instead of 32.5 GiB; the CPU results are bit for bit the default's)")
+    g.add_argument("--precision", default="faithful", choices=["faithful", "w8a8"],
+                   help="onnxruntime-cuda: w8a8 runs the DiT blocks' linears with FP8 activations on FP8 tensor cores "
+                        "(opt-in: the numbers change; needs an export with --precision w8a8; docs/runtime.md); "
+                        "recorded in the PNG metadata")
     g.add_argument("--json", action="store_true", help="print timings and outputs as one JSON object")
     g.add_argument("--progress", action="store_true", help="show the step progress bar even when not a TTY")
     g.set_defaults(func=cmd_generate)

@@ -31,6 +31,7 @@ REQUIRED_COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
 REQUIRED_VARIANTS = ("bf16", "cuda", "cpu")
 LOAD_DEQUANTIZED = "_dql"               # suffix of the graph variants that take their FP8 weights as bf16 inputs
 FUSED = "_fused"                        # cuda<FUSED>[_dql]: the cuda twins with the project's fused CUDA ops
+PRECISION_VARIANTS = {"faithful": None, "w8a8": "cuda_w8a8"}    # `exporter.precision` -> the graphs it adds
 REQUIRED_LIMITS = ("min_side", "max_side", "multiple", "max_aspect", "max_text_tokens")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 HASH_CHUNK = 8 << 20
@@ -104,6 +105,12 @@ class Manifest:
     @property
     def max_text_tokens(self) -> int:
         return int(self.raw["tokenizer"]["max_text_tokens"])
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The numerics this export holds graphs for: "faithful" always; "w8a8" (opt-in, `--precision w8a8`)
+        adds every component's cuda_w8a8 graph. Manifests written before the option have no entry: faithful."""
+        return tuple(self.raw["exporter"].get("precision", ["faithful"]))
 
     @property
     def synthetic(self) -> dict | None:
@@ -292,6 +299,11 @@ def _check(raw: dict, path: Path) -> None:
     if not all(_num(limits[k]) for k in REQUIRED_LIMITS):
         c.fail(f"`limits` values must be numbers: {', '.join(REQUIRED_LIMITS)}")
 
+    precision = c.obj(raw, "exporter", "").get("precision", ["faithful"])
+    if not (isinstance(precision, list) and "faithful" in precision and set(precision) <= set(PRECISION_VARIANTS)):
+        c.fail(f"`exporter.precision` must list 'faithful' and optionally {', '.join(PRECISION_VARIANTS)}, "
+               f"found {precision!r}")
+
     source = c.obj(raw, "source", "")
     if source.get("synthetic") is not None and not isinstance(source["synthetic"], dict):
         c.fail(f"`source.synthetic` must be an object or null, found {_describe(source['synthetic'])}")
@@ -311,7 +323,8 @@ def _check(raw: dict, path: Path) -> None:
             c.fail(f"`components.{name}` must be an object, found {_describe(comp)}")
         c.need(comp, ("graphs", "inputs", "outputs"), f"components.{name}")
         graphs = c.obj(comp, "graphs", f"components.{name}.")
-        absent = [v for v in REQUIRED_VARIANTS if v not in graphs]
+        absent = [v for v in (*REQUIRED_VARIANTS, *(PRECISION_VARIANTS[p] for p in precision if PRECISION_VARIANTS[p]))
+                  if v not in graphs]
         if absent:
             c.fail(f"`components.{name}.graphs` lacks the {', '.join(absent)} graph(s)")
         for variant, entry in graphs.items():

@@ -68,7 +68,8 @@ def cmd_prepare(a) -> None:
     write_s = time.perf_counter() - t
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "ideogram4_engine.export", "--checkpoint", str(root / "ckpt"),
-                        "--out", str(root / "engines"), "--no-progress"], capture_output=True, text=True)
+                        "--out", str(root / "engines"), "--no-progress", "--precision", a.precision],
+                       capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(r.stderr)
     record(root, {"kind": "prepare", "config": a.config, "checkpoint_write_s": write_s,
@@ -134,8 +135,9 @@ def cmd_runtime(a) -> None:
                "load_s": pipe.load_seconds, "cold_start_s": cold,
                "flops_cond": dit_flops(cfg, T + N, T), "flops_uncond": dit_flops(cfg, N, 0),
                "gpu_mem_used_mib": (mem or [None])[0], "gpu_mem_used_mib_all": mem,
-               "gpu_mem_after_warmup_mib_all": warm_mem}
+               "gpu_mem_after_warmup_mib_all": warm_mem, "precision": getattr(pipe.backend, "precision", None)}
         np.save(root / f"latents_{rec['kind'].replace(' ', '_')}_{w}x{h}_{preset}.npy", res.latents)
+        np.save(root / f"image_{rec['kind'].replace(' ', '_')}_{w}x{h}_{preset}.npy", np.asarray(res.images[0]))
         record(root, rec)
 
 
@@ -383,6 +385,7 @@ def main() -> None:
     p = sub.add_parser("prepare")
     p.add_argument("--config", default="tiny")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="faithful", help="export --precision (w8a8: also the cuda_w8a8 graphs)")
     for name in ("runtime", "reference"):
         s = sub.add_parser(name)
         s.add_argument("--cases", default="1024x1024:V4_DEFAULT_20,1024x1024:V4_TURBO_12")

@@ -12,6 +12,10 @@
 #   probe   : scripts/gpu_op_probe.py (fused-op support, speed and bit-identity at the model's shapes); PROBE_ONLY=<text> runs only matching cases
 #   memory  : scripts/runtime_memory.py (memory after load and after a generation, per weight mode and arena)
 #   dqmemory: scripts/dequant_memory.py (dequantize_at_load's weights alone, per way of binding the e4m3 bytes)
+#   w8a8    : scripts/gpu_w8a8_check.py kernels (~2 min): the W8A8 op library's kernels against fp64 references
+#             with stated bounds, and their speed against onnxruntime's and torch's GEMMs (needs the carried
+#             build/kernels/libideogram4_w8a8.so); PRECISION=w8a8 makes `prepare` export the cuda_w8a8 graphs,
+#             runtime-w8a8 runs them, w8a8-deviation compares its latents and images with `runtime`'s
 #   check   : scripts/gpu_dequant_check.py on the tiny model (seconds): the cuda twin's FP8 MatMuls, no Memcpy,
 #             no weight Transpose left after onnxruntime's optimizations; latents vs dequantize_at_load
 # Every stage copies results.jsonl and report.md to $OUT.
@@ -26,7 +30,7 @@ B="python3 scripts/bench.py"
 rc=0
 for stage in "$@"; do
   case $stage in
-    prepare)  $B prepare --config "$CONFIG" --device cuda --root "$ROOT" || rc=$? ;;
+    prepare)  $B prepare --config "$CONFIG" --device cuda --root "$ROOT" --precision "${PRECISION:-faithful}" || rc=$? ;;
     eager)    $B reference --root "$ROOT" --device cuda --cases "$CASES" || rc=$? ;;
     compiled) $B reference --root "$ROOT" --device cuda --compile --cases "$CASES" || rc=$? ;;
     runtime)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" || rc=$? ;;
@@ -38,6 +42,9 @@ for stage in "$@"; do
     runtime-cfg)     $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option uncond_device_id=1 || rc=$? ;;
     runtime-pow2)    $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option arena_extend_strategy=kNextPowerOfTwo || rc=$? ;;
     runtime-own-arena) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option shared_arena=false || rc=$? ;;
+    runtime-w8a8)    $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option precision=w8a8 || rc=$? ;;
+    w8a8)     python3 scripts/gpu_w8a8_check.py kernels --out "${OUT:-/tmp}" || rc=$? ;;
+    w8a8-deviation) python3 scripts/gpu_w8a8_check.py deviation --root "$ROOT" --out "${OUT:-/tmp}" || rc=$? ;;
     check)    python3 scripts/gpu_dequant_check.py | tee "${OUT:-/tmp}/dequant_check.json" || rc=$? ;;
     dqmemory) python3 scripts/dequant_memory.py --engines "$ROOT/engines" | tee "${OUT:-/tmp}/dequant_memory.jsonl" || rc=$? ;;
     memory)   python3 scripts/runtime_memory.py --engines "$ROOT/engines" | tee "${OUT:-/tmp}/memory.jsonl" || rc=$? ;;

@@ -36,7 +36,7 @@ def test_generate_json_and_identical_bytes(engines, tmp_path):
         assert r.returncode == 0, r.stderr
         report = json.loads(r.stdout)
         assert report["outputs"] == [str(out)] and report["backend"] == "onnxruntime-cpu"
-        assert report["synthetic"] is True and report["steps"] == 2
+        assert report["synthetic"] is True and report["steps"] == 2 and report["precision"] == "faithful"
         assert {"load_s", "text_encoder_s", "denoise_s", "vae_s", "total_s"} <= set(report["timings"])
         digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
     assert len(set(digests)) == 1                                   # same seed and backend: same bytes
@@ -45,6 +45,7 @@ def test_generate_json_and_identical_bytes(engines, tmp_path):
     assert img.text["prompt"] == "a red fox in the snow" and img.text["seed"] == "9"
     assert img.text["backend"] == "onnxruntime-cpu" and "SYNTHETIC" in img.text["model"]
     assert img.text["guidance"] == "3.0,7.0" and img.text["size"] == "384x256"
+    assert img.text["precision"] == "faithful"
 
 
 def test_batch_of_prompts_writes_one_file_each(engines, tmp_path):
@@ -72,6 +73,7 @@ def test_info(engines):
     ("preset", "unknown sampler preset 'NOPE'", 2),
     ("cfg_parallel_on_cpu", "--uncond-device needs --backend onnxruntime-cuda", 2),
     ("dequantize_on_tensorrt", "--dequantize-at-load needs --backend onnxruntime-cuda or onnxruntime-cpu", 2),
+    ("w8a8_on_cpu", "--precision w8a8 needs --backend onnxruntime-cuda", 2),
 ])
 def test_refusals_write_nothing(engines, tmp_path, case, msg, code):
     import shutil
@@ -94,6 +96,8 @@ def test_refusals_write_nothing(engines, tmp_path, case, msg, code):
         extra = ["--sampler-preset", "NOPE"]
     elif case == "cfg_parallel_on_cpu":
         extra = ["--uncond-device", "1"]
+    elif case == "w8a8_on_cpu":
+        extra = ["--precision", "w8a8"]
     backend = "onnxruntime-cpu"
     if case == "dequantize_on_tensorrt":
         backend, extra = "tensorrt-rtx", ["--dequantize-at-load"]
