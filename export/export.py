@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ..runtime import latents as latent_tables
-from ..runtime.manifest import FUSED, LOAD_DEQUANTIZED     # <c>.<twin>_dql.onnx: the twin with its FP8 weights as bf16 inputs
+from ..runtime.manifest import FORMAT_VERSIONS, FUSED, LOAD_DEQUANTIZED  # _dql: <c>.<twin>_dql.onnx, FP8 weights as bf16 inputs
 from ..runtime.packing import MAX_ASPECT, MAX_SIDE, MAX_TEXT_TOKENS, MIN_SIDE, PIXELS_PER_TOKEN
 from ..runtime.schedule import DEFAULT_PRESET, PRESETS, TAU_MAX, TAU_MIN
 from ..runtime.errors import check_interrupted
@@ -41,8 +41,7 @@ from .graphs.fuse import cuda_fused_dequantized_at_load, for_cuda_fused, kernels
 from .graphs.w8a8 import for_cuda_w8a8
 from .inventory import scale_name
 
-MANIFEST_FORMAT_VERSION = 2  # 2: tokenizer.files (sha256 of the tokenizer and chat template); runtime FORMAT_VERSIONS
-EXPORTER_VERSION = 9          # bump whenever the graphs an unchanged checkpoint exports would change (9: cuda_fused twins)
+EXPORTER_VERSION = 10         # bump whenever the graphs an unchanged checkpoint exports would change (9: cuda_fused twins; 10: bf16 MRoPE table)
 COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
 SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond": "unconditional_transformer",
           "vae_decoder": "vae"}
@@ -239,6 +238,7 @@ def _static_sections(ckpt: Checkpoint) -> dict:
                  "image_position_offset": 65536,
                  "tables": "text token p: position (p,p,p); image token (r,c): (65536, 65536+r, 65536+c); slot i of "
                            "head_dim/2 takes axis h if i%3==1 and i<3*sec[1], w if i%3==2 and i<3*sec[2], else t; "
+                           "inv_freq[i] = float32(bfloat16(1 / theta^(2i/head_dim) in float32)) (spec 2.6); "
                            "angle = float32(pos[axis]) * inv_freq[i] (one float32 product); "
                            "cos/sin of [angles, angles] (runtime: float64 evaluation, rounded to float32)"},
         "limits": {"min_side": MIN_SIDE, "max_side": MAX_SIDE, "multiple": PIXELS_PER_TOKEN,
@@ -330,7 +330,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
         static = _static_sections(ckpt)
         static["tokenizer"]["files"] = _tokenizer_files(tmp, static["tokenizer"]["folder"])
         manifest = {
-            "format": "ideogram4-engine/manifest", "format_version": MANIFEST_FORMAT_VERSION,
+            "format": "ideogram4-engine/manifest", "format_version": FORMAT_VERSIONS[-1],
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "exporter": {"version": EXPORTER_VERSION, "opset": OPSET, "ir_version": IR_VERSION,
                          "attention_form": opts.attention_form,

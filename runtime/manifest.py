@@ -2,7 +2,7 @@
 
 `load_manifest(folder)` parses and checks, by hand (no jsonschema at run time), everything the runtime uses:
 format and version, the sections, the four components with their graph variants, weight files and I/O
-names, sampler presets, RoPE tables, limits and the tokenizer folder with its files' sha256 (format 2: the
+names, sampler presets, RoPE tables, limits and the tokenizer folder with its files' sha256 (format 3: the
 tokenizer and chat template are covered like the graphs); and that every file the manifest names exists
 with its recorded size. `verify(manifest)` checks sha256s (streamed) and remembers, for this
 process, which unchanged files it has already verified. Every problem is a `ManifestError` (a ValueError)
@@ -23,7 +23,7 @@ import numpy as np
 from .schedule import SamplerPreset
 
 FORMAT = "ideogram4-engine/manifest"
-FORMAT_VERSIONS = (2,)                  # manifest versions this runtime reads (2: tokenizer files checksummed)
+FORMAT_VERSIONS = (3,)                  # manifest versions this runtime reads (3: tokenizer files checksummed; 2: bf16-rounded MRoPE inv_freq)
 MANIFEST_FILE = "manifest.json"
 REQUIRED_SECTIONS = ("format", "format_version", "exporter", "source", "model", "tokenizer", "sampler", "rope",
                      "limits", "components")
@@ -242,7 +242,8 @@ def _check(raw: dict, path: Path) -> None:
         c.fail(f"`format` is {fmt!r}, expected {FORMAT!r}: not an ideogram4-engine manifest")
     if version not in FORMAT_VERSIONS:
         c.fail(f"`format_version` is {version!r}; this runtime reads version(s) "
-               f"{', '.join(map(str, FORMAT_VERSIONS))}: re-export with the matching `make export`")
+               f"{', '.join(map(str, FORMAT_VERSIONS))}: the engines folder is from another exporter version, "
+               "re-run `make export`")
     c.need(raw, REQUIRED_SECTIONS, "manifest")
 
     tok = c.obj(raw, "tokenizer", "")
@@ -291,6 +292,9 @@ def _check(raw: dict, path: Path) -> None:
     if not (isinstance(inv, list) and len(inv) == hd // 2 and all(_num(x) for x in inv)):
         c.fail(f"`rope.inv_freq` must be {hd // 2} numbers (head_dim/2), found "
                f"{len(inv) if isinstance(inv, list) else _describe(inv)}")
+    if np.any(np.asarray(inv, np.float32).view(np.uint32) & 0xFFFF):
+        c.fail("`rope.inv_freq` is not bf16-rounded (spec §2.6: the official DiT runs the table rounded to bf16): "
+               "re-run `make export`")
     if not _int(rope["image_position_offset"]):
         c.fail("`rope.image_position_offset` must be an integer")
 

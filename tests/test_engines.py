@@ -200,7 +200,7 @@ def test_layer_reports_show_fp8_kept_and_fused_attention(built):
     dit = checks["dit_cond"]
     assert dit["attention"]["blocks"] == 2 and dit["attention"]["fused"] == 2           # tiny: 2 DiT layers
     assert all("mha" in b["kernel"] for b in dit["attention"]["per_block"])
-    assert checks["text_encoder"]["attention"]["blocks"] == 4
+    assert checks["text_encoder"]["attention"]["blocks"] == 36                          # tiny: the official 36 text layers
     f = dit["fp8_weights"]
     assert f["engine_fp8_constant_bytes_per_profile"] == [f["fp8_initializer_bytes"]] * 2
     assert f["weights_ratio"] <= 1.1

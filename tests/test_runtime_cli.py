@@ -68,6 +68,7 @@ def test_info(engines):
     ("missing", "does not exist", 3),
     ("no_manifest", "manifest.json is missing", 3),
     ("garbage", "not valid JSON", 3),
+    ("old_export", "`format_version` is 1; this runtime reads version(s) 3", 3),
     ("unwritable", "not a writable directory", 2),
     ("size", "height=250 must be a multiple of 16", 2),
     ("preset", "unknown sampler preset 'NOPE'", 2),
@@ -81,13 +82,17 @@ def test_refusals_write_nothing(engines, tmp_path, case, msg, code):
     (tmp_path / "out").mkdir()
     if case == "missing":
         eng = tmp_path / "nowhere"
-    elif case in ("no_manifest", "garbage"):
+    elif case in ("no_manifest", "garbage", "old_export"):
         eng = tmp_path / "eng"
         shutil.copytree(engines, eng)
         if case == "no_manifest":
             (eng / "manifest.json").unlink()
-        else:
+        elif case == "garbage":
             (eng / "manifest.json").write_text("{not json")
+        else:       # an export from before the bf16 rotary table (manifest format 1): refused, never used
+            raw = json.loads((eng / "manifest.json").read_text())
+            raw["format_version"] = 1
+            (eng / "manifest.json").write_text(json.dumps(raw))
     elif case == "unwritable":
         out = tmp_path / "no" / "such" / "o.png"
     elif case == "size":
@@ -103,6 +108,8 @@ def test_refusals_write_nothing(engines, tmp_path, case, msg, code):
         backend, extra = "tensorrt-rtx", ["--dequantize-at-load"]
     r = run("generate", "--engines", eng, "--prompt", "a fox", "--output", out, "--backend", backend, *extra)
     assert r.returncode == code and msg in r.stderr, r.stderr
+    if case == "old_export":
+        assert "re-run `make export`" in r.stderr, r.stderr
     assert list((tmp_path / "out").iterdir()) == []
 
 

@@ -52,6 +52,7 @@ def test_accessors(engines):
     dit = raw["model"]["dit"]
     expected = rope_inv_freq(dit["head_dim"], dit["rope_theta"]).numpy()
     assert m.inv_freq.dtype == np.float32 and np.array_equal(m.inv_freq, expected)
+    assert not (m.inv_freq.view(np.uint32) & 0xFFFF).any()          # the bf16-rounded table (test_dit pins it)
     assert m.head_dim == dit["head_dim"] == 2 * len(m.inv_freq)
     assert m.mrope_section == tuple(dit["mrope_section"]) and isinstance(m.mrope_section, tuple)
     assert m.image_position_offset == 65536
@@ -115,10 +116,14 @@ def test_garbage_json(copy):
 
 
 def test_wrong_format_or_version(copy):
-    _edit(copy, lambda r: r.update(format_version=1))     # 1: tokenizer files not checksummed: refused
-    with pytest.raises(ManifestError, match=r"manifest\.json: `format_version` is 1; this runtime reads version\(s\) 2"):
-        load_manifest(copy)
-    _edit(copy, lambda r: r.update(format_version=2, format="something-else"))
+    """Formats 1 (before the bf16 rotary table) and 2 (before the tokenizer checksums) and unknown versions are
+    refused, never used."""
+    for version in (1, 2, 4):
+        _edit(copy, lambda r: r.update(format_version=version))
+        with pytest.raises(ManifestError, match=rf"manifest\.json: `format_version` is {version}; this runtime reads "
+                                                r"version\(s\) 3: .*re-run `make export`"):
+            load_manifest(copy)
+    _edit(copy, lambda r: r.update(format_version=3, format="something-else"))
     with pytest.raises(ManifestError, match="`format` is 'something-else', expected 'ideogram4-engine/manifest'"):
         load_manifest(copy)
 
@@ -132,6 +137,8 @@ def test_wrong_format_or_version(copy):
     (lambda r: r["components"]["dit_cond"]["data"].update(sha256="xyz"), r"`components.dit_cond.data.sha256` must be"),
     (lambda r: r["components"]["dit_cond"]["data"].update(file="../escape.bin"), r"relative path inside the folder"),
     (lambda r: r["rope"].update(inv_freq=[1.0, 0.5]), r"`rope.inv_freq` must be 128 numbers"),
+    (lambda r: r["rope"].update(inv_freq=[1.0 / 5e6 ** (i / 128) for i in range(128)]),
+     r"`rope.inv_freq` is not bf16-rounded .* re-run `make export`"),
     (lambda r: r["rope"].update(mrope_section=[24, 20]), r"`rope.mrope_section` must be 3"),
     (lambda r: r["sampler"].update(default_preset="FAST"), r"`sampler.default_preset` 'FAST' is not one of"),
     (lambda r: r["sampler"]["presets"]["V4_TURBO_12"].update(steps=11), r"has 12 entries, expected one per step \(11\)"),
