@@ -162,6 +162,8 @@ class OnnxRuntimeBackend:
             problem = w8a8.register(self._opts)
             if problem is None:
                 try:
+                    if self._before_load is not None:
+                        self._before_load(w8a8.VARIANT)
                     sessions = {c: self._session(self.manifest.graph_path(c, w8a8.VARIANT), self.devices[c]) for c in names}
                     self.graph_variant = w8a8.VARIANT
                     return sessions
