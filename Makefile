@@ -1,5 +1,8 @@
 # Fresh-machine entry points. Each target installs what it needs into .venv.
-PY ?= python3.11
+# PY: the interpreter for .venv; default: the first of PY_CANDIDATES that is Python >= 3.11.
+PY_CANDIDATES := python3.11 python3.12 python3.13 python3.14 python3
+PY_OK := import sys; sys.exit(sys.version_info < (3, 11))
+PY ?= $(firstword $(foreach p,$(PY_CANDIDATES),$(shell $(p) -c '$(PY_OK)' >/dev/null 2>&1 && echo $(p))))
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= tiny
@@ -16,28 +19,48 @@ PRESET ?= V4_DEFAULT_20
 OUTPUT ?= out.png
 ATTENTION ?= op
 
-.PHONY: run reference test checkpoint export engines clean kernels
+.PHONY: run reference test checkpoint export engines clean kernels python
 
-ENGINES ?= engines/$(notdir $(abspath $(CHECKPOINT)))
+# `user X` is X as the user gave it (command line or environment: never expanded by make, so `$`, `$(…)`
+# and backticks stay text) or the Makefile's default. run/reference hand their values to the commands only
+# through the environment (I4_<NAME>, quoted "$$I4_<NAME>" in the recipe, the prompt through --prompt-env):
+# no shell ever parses a prompt. The originals are not exported (make would expand them to do so).
+user = $(if $(filter command line environment environment override,$(origin $(1))),$(value $(1)),$($(1)))
+ENGINES ?= engines/$(notdir $(abspath $(call user,CHECKPOINT)))
 BACKEND ?= auto
+RUN_VARS := PROMPT PROMPT_FILE WIDTH HEIGHT PRESET SEED OUTPUT BACKEND CHECKPOINT ENGINES ATTENTION
+$(foreach v,$(RUN_VARS),$(eval export I4_$(v) := $$(call user,$(v))))
+unexport $(RUN_VARS)
+PROMPT_ARG = $(if $(call user,PROMPT_FILE),--prompt-file "$$I4_PROMPT_FILE",--prompt-env I4_PROMPT)
+DEFAULT_CKPT_DEP = $(if $(filter $(DEFAULT_CHECKPOINT),$(call user,CHECKPOINT)),$(DEFAULT_CHECKPOINT)/synthetic.json)
 
-# Main job: prompt -> $(OUTPUT) through the lean runtime. Exports CHECKPOINT to ENGINES first (unchanged
+# Main job: prompt -> OUTPUT through the lean runtime. Exports CHECKPOINT to ENGINES first (unchanged
 # components are reused, so a second run is quick); the default CHECKPOINT is the tiny synthetic one, created
 # when absent. With CHECKPOINT=<the real ideogram-4-fp8 folder> the same command serves the real model.
-run: $(BIN)/.installed $(if $(filter $(DEFAULT_CHECKPOINT),$(CHECKPOINT)),$(DEFAULT_CHECKPOINT)/synthetic.json)
-	$(BIN)/python -m ideogram4_engine.export --checkpoint $(CHECKPOINT) --out $(ENGINES) --attention $(ATTENTION)
-	$(BIN)/ideogram4 generate --engines $(ENGINES) --prompt "$(PROMPT)" --width $(WIDTH) --height $(HEIGHT) \
-		--sampler-preset $(PRESET) --seed $(SEED) --backend $(BACKEND) --output $(OUTPUT) --progress
+# PROMPT= any text or JSON caption, byte for byte; PROMPT_FILE=<file> instead (its exact bytes: make strips
+# leading blanks from a command-line PROMPT=, PROMPT in the environment keeps them).
+run: $(BIN)/.installed $(DEFAULT_CKPT_DEP)
+	$(BIN)/python -m ideogram4_engine.export --checkpoint "$$I4_CHECKPOINT" --out "$$I4_ENGINES" --attention "$$I4_ATTENTION"
+	$(BIN)/ideogram4 generate --engines "$$I4_ENGINES" $(PROMPT_ARG) --width "$$I4_WIDTH" --height "$$I4_HEIGHT" \
+		--sampler-preset "$$I4_PRESET" --seed "$$I4_SEED" --backend "$$I4_BACKEND" --output "$$I4_OUTPUT" --progress
 
 # The same request through the PyTorch reference pipeline (the oracle), straight from the checkpoint.
-reference: $(BIN)/.installed $(if $(filter $(DEFAULT_CHECKPOINT),$(CHECKPOINT)),$(DEFAULT_CHECKPOINT)/synthetic.json)
-	$(BIN)/python -m ideogram4_engine.export.reference --checkpoint $(CHECKPOINT) --prompt "$(PROMPT)" \
-		--width $(WIDTH) --height $(HEIGHT) --sampler-preset $(PRESET) --seed $(SEED) --output $(OUTPUT)
+reference: $(BIN)/.installed $(DEFAULT_CKPT_DEP)
+	$(BIN)/python -m ideogram4_engine.export.reference --checkpoint "$$I4_CHECKPOINT" $(PROMPT_ARG) \
+		--width "$$I4_WIDTH" --height "$$I4_HEIGHT" --sampler-preset "$$I4_PRESET" --seed "$$I4_SEED" \
+		--output "$$I4_OUTPUT"
 
 $(DEFAULT_CHECKPOINT)/synthetic.json: | $(BIN)/.installed
 	$(BIN)/python -m ideogram4_engine.export.synthetic --config tiny --out $(DEFAULT_CHECKPOINT)
 
+# the interpreter .venv is made with (or a one-line error saying how to choose one)
+python:
+	@test -n "$(PY)" || { echo "error: no Python >= 3.11 found (tried $(PY_CANDIDATES)); install one or pass PY=/path/to/python3.11+" >&2; exit 1; }
+	@$(PY) -c '$(PY_OK)' 2>/dev/null || { echo "error: PY=$(PY) is not a working Python >= 3.11; pass PY=/path/to/python3.11+" >&2; exit 1; }
+	@echo "$(PY)"
+
 $(BIN)/.installed: pyproject.toml
+	@$(MAKE) -s --no-print-directory python >/dev/null
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

@@ -7,6 +7,8 @@ seconds with a message naming the tensor, not minutes later inside a model load.
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,8 @@ COMPONENTS = {  # folder -> weight file stem (§1.1)
     "vae": "diffusion_pytorch_model",
 }
 SYNTHETIC_MARKER = "synthetic.json"
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1}
 NF4_KEY_MARKERS = (".quant_state.bitsandbytes__", ".absmax", ".quant_map")
 
 
@@ -51,16 +55,30 @@ class ComponentFiles:
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Parse a safetensors header (8-byte little-endian length + JSON) without reading tensor data."""
+    """Parse a safetensors header (8-byte little-endian length + JSON) without reading tensor data, and check
+    that the file holds exactly the bytes the header describes (a truncated copy fails here, not mid-export)."""
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > 100 * 1024**2:
                 raise CheckpointError(f"{path}: implausible safetensors header size {n}")
             raw = json.loads(f.read(n))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in raw.items() if k != "__metadata__"}
+            size = os.fstat(f.fileno()).st_size
+        entries = {k: (v["dtype"], tuple(v["shape"]), tuple(v["data_offsets"])) for k, v in raw.items()
+                   if k != "__metadata__"}
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+            AttributeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    for k, (dt, shape, (start, end)) in entries.items():
+        if dt in DTYPE_BYTES and end - start != DTYPE_BYTES[dt] * math.prod(shape):
+            raise CheckpointError(f"{path}: tensor {k!r} ({dt}, shape {shape}) has {end - start} bytes in the "
+                                  f"header, expected {DTYPE_BYTES[dt] * math.prod(shape)}: corrupt header")
+    data = max((end for _, _, (_, end) in entries.values()), default=0)
+    if size != 8 + n + data:
+        what = "truncated" if size < 8 + n + data else "longer than its header says"
+        raise CheckpointError(f"{path}: file is {what}: {size} bytes, the header describes {8 + n + data} "
+                              "(re-download or re-copy it)")
+    return {k: (dt, shape) for k, (dt, shape, _) in entries.items()}
 
 
 def component_files(folder: Path, stem: str, allow_index: bool = True) -> ComponentFiles:
@@ -90,6 +108,12 @@ def component_files(folder: Path, stem: str, allow_index: bool = True) -> Compon
             for k, (dt, shape) in read_safetensors_header(f).items():
                 if weight_map.get(k) == f.name:
                     cf.header[k] = HeaderEntry(dt, shape, f)
+                elif k not in weight_map:   # the official loaders go by the index: such a tensor would be dropped
+                    raise CheckpointError(f"{index}: tensor {k!r} is in {f.name} but not in the index "
+                                          "(the index must list every tensor of its shards)")
+                else:
+                    raise CheckpointError(f"{index}: tensor {k!r} is in {f.name} but the index places it in "
+                                          f"{weight_map[k]} (a tensor must be stored once, where the index says)")
         absent = sorted(k for k in weight_map if k not in cf.header)
         if absent:
             raise CheckpointError(f"{index}: {len(absent)} tensor(s) listed but not in their shard, "

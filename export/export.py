@@ -28,9 +28,11 @@ from ..runtime import latents as latent_tables
 from ..runtime.manifest import FORMAT_VERSIONS, FUSED, LOAD_DEQUANTIZED  # _dql: <c>.<twin>_dql.onnx, FP8 weights as bf16 inputs
 from ..runtime.packing import MAX_ASPECT, MAX_SIDE, MAX_TEXT_TOKENS, MIN_SIDE, PIXELS_PER_TOKEN
 from ..runtime.schedule import DEFAULT_PRESET, PRESETS, TAU_MAX, TAU_MIN
+from ..runtime.errors import check_interrupted
+from ..runtime.tempfiles import temp_name
 from .checkpoint import Checkpoint, Component, TensorSource, open_checkpoint
 from .dit import rope_inv_freq
-from .files import replace_dir, sha256_file
+from .files import recover_dir, replace_dir, sha256_file
 from .fp8 import quantize_rows
 from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
 from .graphs.rewrite import (bf16_to_fp32_emulation, cpu_dequantized_at_load, cuda_dequantized_at_load, for_cuda,
@@ -265,9 +267,11 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
     ckpt = open_checkpoint(checkpoint)
     log(ckpt.describe())
     out = Path(out).absolute()
-    old = _read_old_manifest(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    for stale in recover_dir(out):
+        log(f"removed {stale.name}, left by a killed export (its process is gone)")
+    old = _read_old_manifest(out)
+    tmp = out.parent / temp_name(out.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -276,6 +280,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
         components = {}
         dequantize = _write_dequantize(tmp)
         for name in COMPONENTS:
+            check_interrupted()
             comp = ckpt.components[SOURCE[name]]
             if SOURCE[name] not in hashes:
                 hashes[SOURCE[name]] = {f.name: _hash(f, known) for f in comp.files.files}
@@ -323,6 +328,8 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
         components["guided_step"] = _write_guided_step(tmp, graph_use)
         engines = _carry_engines(old, out, tmp)
         shutil.copytree(ckpt.root / "tokenizer", tmp / "tokenizer")
+        static = _static_sections(ckpt)
+        static["tokenizer"]["files"] = _tokenizer_files(tmp, static["tokenizer"]["folder"])
         manifest = {
             "format": "ideogram4-engine/manifest", "format_version": FORMAT_VERSIONS[-1],
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -335,7 +342,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
                        "files": _source_files(ckpt, hashes)},
             "graph_variants": graph_use,
             "model": _model_section(ckpt),
-            **_static_sections(ckpt),
+            **static,
             "components": components,
         }
         manifest["kernels"] = kernels_section(opts.precision)
@@ -343,11 +350,19 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
             manifest["engines"] = engines
         validate_manifest(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        check_interrupted()     # a Ctrl-C swallowed by a destructor must not let the export commit
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _tokenizer_files(tmp: Path, folder: str) -> list[dict]:
+    """sha256 entries of every file copied into the tokenizer folder (the runtime checks them before use)."""
+    root = tmp / folder
+    return [{"file": f.relative_to(tmp).as_posix(), "sha256": sha256_file(f), "bytes": f.stat().st_size}
+            for f in sorted(root.rglob("*")) if f.is_file()]
 
 
 def _write_dequantize(folder: Path) -> dict:

@@ -10,15 +10,18 @@ import sys
 import time
 from pathlib import Path
 
+from ..runtime import errors
+from ..runtime.cli_args import HelpFormatter, PromptSourceError, add_prompt_arguments, read_prompts
 from ..runtime.image import check_writable, save_png
 from ..runtime.packing import check_size
 from ..runtime.schedule import DEFAULT_PRESET, PRESETS
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ideogram4_engine.export.reference", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m ideogram4_engine.export.reference", description=__doc__,
+                                 epilog=errors.epilog(), formatter_class=HelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="checkpoint folder in the official layout")
-    ap.add_argument("--prompt", required=True, help="plain text or a JSON caption; passed through unchanged")
+    add_prompt_arguments(ap, repeat=False)
     ap.add_argument("--sampler-preset", default=DEFAULT_PRESET, choices=list(PRESETS))
     ap.add_argument("--seed", type=int, default=0, help="0…2^64-1 (default 0)")
     ap.add_argument("--width", type=int, default=1024)
@@ -28,13 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.output)
     try:                                   # cheap checks first: no model is loaded for a bad request
+        args.prompt = read_prompts(args.prompt_sources, repeat=False)[0]
         check_size(args.height, args.width)
         if not 0 <= args.seed < 2**64:
             raise ValueError(f"seed={args.seed} outside 0…2^64-1")
         check_writable(out)
-    except ValueError as e:
+    except (PromptSourceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return errors.USAGE
     from .checkpoint import CheckpointError, open_checkpoint
     from .pipeline import ReferencePipeline, SamplingParams
 
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = open_checkpoint(args.checkpoint)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return errors.ARTIFACTS
     print(ckpt.describe(), file=sys.stderr)
     t0 = time.perf_counter()
     pipe = ReferencePipeline.from_checkpoint(args.checkpoint, args.device)

@@ -1,88 +1,115 @@
 """`ideogram4` command: `generate` (prompt → PNG) and `info` (what an engines folder holds).
 
 Flags follow the official run_inference.py in spirit: --prompt, --sampler-preset, --seed, --width, --height,
---output; plus --engines, --backend and --json (machine-readable timings on stdout).
+--output; plus --engines, --backend and --json (machine-readable timings on stdout). Failures are one `error:`
+line and an exit code from errors.EXIT_CODES (the --help epilog lists them).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
-from .image import check_writable, save_png
+from . import errors
+from .cli_args import HelpFormatter, add_prompt_arguments, finite_float, guidance_values, read_prompts
+from .image import check_writable, save_pngs
 
 MODEL_ID = "ideogram-4-fp8"
 
 
-def _progress_bar(stream=sys.stderr):
-    def show(done: int, total: int) -> None:
+class _ProgressBar:
+    """`denoising [####....] k/n` on stderr; `open` while a line is unfinished (an error then starts a new one)."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.open = stream, False
+
+    def __call__(self, done: int, total: int) -> None:
         width = 30
         fill = int(width * done / total)
-        print(f"\r  denoising [{'#' * fill}{'.' * (width - fill)}] {done}/{total}", end="", file=stream, flush=True)
+        self.open = True                 # before printing: a signal may arrive right after
+        print(f"\r  denoising [{'#' * fill}{'.' * (width - fill)}] {done}/{total}", end="", file=self.stream,
+              flush=True)
         if done == total:
-            print(file=stream)
-    return show
+            print(file=self.stream)
+            self.open = False
+
+
+def output_paths(output: str, n: int) -> list[Path]:
+    """`--output` for one prompt; `<stem>-<i>.png` beside it for a batch."""
+    out = Path(output)
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+
+
+def _backend_options(args) -> dict:
+    options = {}
+    if args.uncond_device is not None:
+        if args.backend != "onnxruntime-cuda":
+            raise ValueError(f"--uncond-device needs --backend onnxruntime-cuda (got --backend {args.backend})")
+        if args.uncond_device < 0:
+            raise ValueError(f"--uncond-device {args.uncond_device}: a GPU index must be >= 0")
+        options["uncond_device_id"] = args.uncond_device
+    if args.dequantize_at_load:
+        if not args.backend.startswith("onnxruntime-"):
+            raise ValueError(f"--dequantize-at-load needs --backend onnxruntime-cuda or onnxruntime-cpu "
+                             f"(got --backend {args.backend})")
+        options["dequantize_at_load"] = True
+    if args.precision != "faithful":
+        if args.backend != "onnxruntime-cuda":
+            raise ValueError(f"--precision {args.precision} needs --backend onnxruntime-cuda (got --backend {args.backend})")
+        options["precision"] = args.precision
+    return options
+
+
+def png_metadata(request, index: int, backend: str, synthetic: bool, precision: str = "faithful") -> dict[str, str]:
+    """What reproduces image `index` of a request (docs/runtime.md, "Reproducing an image")."""
+    s = request.sampling
+    return {"prompt": request.prompts[index], "seed": str(request.seed), "batch_index": str(request.batch_index + index),
+            "batch_size": str(len(request.prompts)), "preset": s.preset or "custom", "steps": str(s.steps),
+            "mu": repr(s.mu), "std": repr(s.std), "guidance": ",".join(map(repr, s.guidance)),
+            "size": f"{request.width}x{request.height}", "model": MODEL_ID + (" SYNTHETIC weights" if synthetic else ""),
+            "backend": backend, "precision": precision,
+            "seed_generator": "numpy PCG64 standard_normal, row batch_index of the seed's stream"}
 
 
 def cmd_generate(args) -> int:
-    from .manifest import ManifestError
+    """Every argument is checked (manifest JSON and tokenizer read, nothing hashed or loaded) before the
+    backend loads; then generate, then write every PNG atomically."""
+    from .manifest import load_manifest
     from .pipeline import Pipeline
+    from .request import check_arguments, prepare
+    from .tokenizer import PromptTokenizer
 
-    outputs = [Path(args.output)] if len(args.prompt) == 1 else \
-        [Path(args.output).with_name(f"{Path(args.output).stem}-{i}{Path(args.output).suffix or '.png'}")
-         for i in range(len(args.prompt))]
-    try:
-        for o in outputs:
-            check_writable(o)
-        options = {}
-        if args.uncond_device is not None:
-            if args.backend != "onnxruntime-cuda":
-                raise ValueError(f"--uncond-device needs --backend onnxruntime-cuda (got --backend {args.backend})")
-            options["uncond_device_id"] = args.uncond_device
-        if args.dequantize_at_load:
-            if not args.backend.startswith("onnxruntime-"):
-                raise ValueError(f"--dequantize-at-load needs --backend onnxruntime-cuda or onnxruntime-cpu "
-                                 f"(got --backend {args.backend})")
-            options["dequantize_at_load"] = True
-        if args.precision != "faithful":
-            if args.backend != "onnxruntime-cuda":
-                raise ValueError(f"--precision {args.precision} needs --backend onnxruntime-cuda (got --backend {args.backend})")
-            options["precision"] = args.precision
-        pipe = Pipeline(args.engines, backend=args.backend, **options)
-    except (ValueError, ManifestError, RuntimeError, MemoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    synthetic = pipe.manifest.synthetic
+    prompts = read_prompts(args.prompt_sources)
+    outputs = output_paths(args.output, len(prompts))
+    for o in outputs:
+        check_writable(o)
+    options = _backend_options(args)
+    manifest = load_manifest(args.engines)
+    arguments = check_arguments(manifest, prompts, width=args.width, height=args.height, preset=args.sampler_preset,
+                                steps=args.steps, mu=args.mu, std=args.std, guidance=args.guidance, seed=args.seed,
+                                batch_index=args.batch_index)
+    tokenizer = PromptTokenizer.from_manifest(manifest)        # sha256-checked, then the prompts tokenised
+    request = prepare(manifest, tokenizer, arguments)
+    synthetic = manifest.synthetic
     if synthetic:
         print(f"note: SYNTHETIC weights (config {synthetic.get('config')!r}): random weights in the official "
               "layout, not the real model -- the image is noise-like by design", file=sys.stderr)
-    guidance = None
-    if args.guidance:
-        guidance = [float(x) for x in args.guidance.split(",")]
-        guidance = guidance[0] if len(guidance) == 1 else guidance
-    try:
-        result = pipe.generate(args.prompt, width=args.width, height=args.height, preset=args.sampler_preset,
-                               steps=args.steps, mu=args.mu, std=args.std, guidance=guidance, seed=args.seed,
-                               progress=None if args.json or not sys.stderr.isatty() and not args.progress
-                               else _progress_bar())
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    pipe = Pipeline(manifest, backend=args.backend, tokenizer=tokenizer, **options)
+    show = not args.json and (sys.stderr.isatty() or args.progress)
+    args.bar = _ProgressBar() if show else None
+    result = pipe.run(request, args.bar)
     s = result.sampling
     precision = getattr(pipe.backend, "precision", "faithful")      # what ran (w8a8 may have fallen back)
-    for prompt, image, out in zip(args.prompt, result.images, outputs):
-        save_png(image, out, {"prompt": prompt, "seed": str(args.seed), "preset": s.preset or "custom",
-                              "steps": str(s.steps), "mu": str(s.mu), "std": str(s.std),
-                              "guidance": ",".join(map(str, s.guidance)), "size": f"{args.width}x{args.height}",
-                              "model": MODEL_ID + (" SYNTHETIC weights" if synthetic else ""),
-                              "backend": pipe.backend.name, "precision": precision,
-                              "seed_generator": "numpy PCG64 standard_normal"})
+    errors.check_interrupted()
+    save_pngs([(image, out, png_metadata(request, i, pipe.backend.name, bool(synthetic), precision))
+               for i, (image, out) in enumerate(zip(result.images, outputs))])
     report = {"outputs": [str(o) for o in outputs], "backend": pipe.backend.name, "precision": precision,
-              "width": args.width,
-              "height": args.height, "preset": s.preset, "steps": s.steps, "seed": args.seed,
-              "text_tokens": [len(t) for t in result.token_ids], "synthetic": bool(synthetic),
-              "timings": {"load_s": pipe.load_seconds, **result.timings}}
+              "width": request.width,
+              "height": request.height, "preset": s.preset, "steps": s.steps, "seed": request.seed,
+              "batch_index": request.batch_index, "text_tokens": [len(t) for t in result.token_ids],
+              "synthetic": bool(synthetic), "timings": {"load_s": pipe.load_seconds, **result.timings}}
     if args.json:
         print(json.dumps(report))
     else:
@@ -95,13 +122,9 @@ def cmd_generate(args) -> int:
 
 def cmd_info(args) -> int:
     from . import backends
-    from .manifest import ManifestError, load_manifest
+    from .manifest import load_manifest
 
-    try:
-        m = load_manifest(args.engines)
-    except ManifestError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    m = load_manifest(args.engines)
     raw = m.raw
     lines = [f"engines: {m.root}",
              f"source: {raw['source']['checkpoint']}" + (" (SYNTHETIC weights)" if m.synthetic else ""),
@@ -129,24 +152,44 @@ def cmd_info(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ideogram4", description="Ideogram 4 lean runtime (engines folder → PNG)")
+def build_parser() -> argparse.ArgumentParser:
+    from .packing import MAX_SIDE, MIN_SIDE, PIXELS_PER_TOKEN
+    from .request import MAX_BATCH_INDEX
+    from .schedule import DEFAULT_PRESET, GUIDANCE_LIMIT, MAX_STEPS, MU_LIMIT, PRESETS, STD_MAX
+
+    epilog = errors.epilog()
+    ap = argparse.ArgumentParser(prog="ideogram4", description="Ideogram 4 lean runtime (engines folder → PNG)",
+                                 epilog=epilog, formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="prompt → PNG")
+    g = sub.add_parser("generate", help="prompt → PNG", epilog=epilog, formatter_class=HelpFormatter,
+                       description="Every argument is checked before anything is loaded; the PNG is written\n"
+                                   "atomically with the metadata that reproduces it.")
     g.add_argument("--engines", required=True, help="engines folder written by `make export`")
-    g.add_argument("--prompt", required=True, action="append",
-                   help="text or JSON caption, passed through unchanged; repeat for a batch")
-    g.add_argument("--sampler-preset", default=None, help="V4_QUALITY_48, V4_DEFAULT_20 (default), V4_TURBO_12")
-    g.add_argument("--steps", type=int, default=None, help="override the preset's step count (needs --guidance)")
-    g.add_argument("--mu", type=float, default=None, help="override the preset's logit-normal mean (before the "
-                                                         "resolution shift)")
-    g.add_argument("--std", type=float, default=None, help="override the preset's logit-normal std")
-    g.add_argument("--guidance", default=None, help="a constant, or comma-separated values, index 0 = last step")
-    g.add_argument("--seed", type=int, default=0, help="0…2^64-1 (default 0); numpy PCG64 noise")
-    g.add_argument("--width", type=int, default=1024)
-    g.add_argument("--height", type=int, default=1024)
-    g.add_argument("--output", default="out.png", help="PNG path (with several prompts: <stem>-<i>.png)")
-    g.add_argument("--backend", default="auto", help="auto, tensorrt, tensorrt-rtx, onnxruntime-cuda, onnxruntime-cpu")
+    add_prompt_arguments(g)
+    g.add_argument("--sampler-preset", default=None,
+                   help=f"{', '.join(PRESETS)} (default: the manifest's, {DEFAULT_PRESET} as exported)")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"override the preset's step count, 1…{MAX_STEPS} (needs --guidance; default: the preset's)")
+    g.add_argument("--mu", type=finite_float, default=None,
+                   help=f"override the preset's logit-normal mean before the resolution shift, in [-{MU_LIMIT:g}, "
+                        f"{MU_LIMIT:g}] (default: the preset's)")
+    g.add_argument("--std", type=finite_float, default=None,
+                   help=f"override the preset's logit-normal std, in (0, {STD_MAX:g}] (default: the preset's)")
+    g.add_argument("--guidance", type=guidance_values, default=None,
+                   help=f"a constant, or comma-separated values (one per step, index 0 = last step), each in "
+                        f"[-{GUIDANCE_LIMIT:g}, {GUIDANCE_LIMIT:g}] (default: the preset's)")
+    g.add_argument("--seed", type=int, default=0, help="0…2^64-1; numpy PCG64 noise")
+    g.add_argument("--batch-index", type=int, default=0,
+                   help=f"noise row of the first prompt in the seed's stream, 0…{MAX_BATCH_INDEX}: image i of a batch "
+                        "is reproduced alone with the same --seed and --batch-index i (its PNG records both)")
+    side = f"a multiple of {PIXELS_PER_TOKEN} in {MIN_SIDE}…{MAX_SIDE}, aspect ≤ 6:1"
+    g.add_argument("--width", type=int, default=1024, help=f"image width in pixels: {side}")
+    g.add_argument("--height", type=int, default=1024, help=f"image height in pixels: {side}")
+    g.add_argument("--output", default="out.png", help="PNG path, must end in .png (with several prompts: "
+                                                       "<stem>-<i>.png)")
+    g.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx", "onnxruntime-cuda",
+                                                          "onnxruntime-cpu"],
+                   help="auto: the fastest that works here (TensorRT, then onnxruntime CUDA, then CPU)")
     g.add_argument("--uncond-device", type=int, default=None,
                    help="onnxruntime-cuda: run the unconditional DiT on this GPU, concurrently (CFG-parallel)")
     g.add_argument("--dequantize-at-load", action="store_true",
@@ -159,11 +202,36 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--json", action="store_true", help="print timings and outputs as one JSON object")
     g.add_argument("--progress", action="store_true", help="show the step progress bar even when not a TTY")
     g.set_defaults(func=cmd_generate)
-    i = sub.add_parser("info", help="summary of an engines folder and the backends available here")
-    i.add_argument("--engines", required=True)
+    i = sub.add_parser("info", help="summary of an engines folder and the backends available here", epilog=epilog,
+                       formatter_class=HelpFormatter)
+    i.add_argument("--engines", required=True, help="engines folder written by `make export`")
     i.set_defaults(func=cmd_info)
-    args = ap.parse_args(argv)
-    return args.func(args)
+    return ap
+
+
+def run_command(func, args) -> int:
+    """Run a command; every expected failure becomes one `error:` line and its documented exit code."""
+    restore = errors.install_signal_handlers()
+    try:
+        return func(args)
+    except BaseException as e:           # noqa: BLE001 -- KeyboardInterrupt and SIGTERM included
+        if isinstance(e, SystemExit):
+            raise
+        code = errors.exit_code(e)
+        bar = getattr(args, "bar", None)
+        if bar is not None and bar.open:
+            print(file=sys.stderr)
+        if code == errors.INTERNAL:
+            traceback.print_exc()
+        print(f"error: {errors.message(e)}", file=sys.stderr)
+        return code
+    finally:
+        restore()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 `load_manifest(folder)` parses and checks, by hand (no jsonschema at run time), everything the runtime uses:
 format and version, the sections, the four components with their graph variants, weight files and I/O
-names, sampler presets, RoPE tables, limits and the tokenizer folder; and that every file the manifest
-names exists with its recorded size. `verify(manifest)` checks sha256s (streamed) and remembers, for this
+names, sampler presets, RoPE tables, limits and the tokenizer folder with its files' sha256 (format 3: the
+tokenizer and chat template are covered like the graphs); and that every file the manifest names exists
+with its recorded size. `verify(manifest)` checks sha256s (streamed) and remembers, for this
 process, which unchanged files it has already verified. Every problem is a `ManifestError` (a ValueError)
 naming the folder or file and what was expected.
 """
@@ -22,7 +23,7 @@ import numpy as np
 from .schedule import SamplerPreset
 
 FORMAT = "ideogram4-engine/manifest"
-FORMAT_VERSIONS = (2,)                  # manifest versions this runtime reads (2: bf16-rounded MRoPE inv_freq)
+FORMAT_VERSIONS = (3,)                  # manifest versions this runtime reads (3: tokenizer files checksummed; 2: bf16-rounded MRoPE inv_freq)
 MANIFEST_FILE = "manifest.json"
 REQUIRED_SECTIONS = ("format", "format_version", "exporter", "source", "model", "tokenizer", "sampler", "rope",
                      "limits", "components")
@@ -118,6 +119,17 @@ class Manifest:
     @property
     def tokenizer_folder(self) -> Path:
         return self.root / self.raw["tokenizer"]["folder"]
+
+    @property
+    def tokenizer_entries(self) -> list[dict]:
+        """{file, sha256, bytes} of every file in the tokenizer folder (chat template included)."""
+        return self.raw["tokenizer"]["files"]
+
+    @property
+    def tokenizer_checksums(self) -> dict[str, dict]:
+        """The tokenizer entries keyed by their name inside the tokenizer folder (what the tokenizer reads)."""
+        prefix = len(self.raw["tokenizer"]["folder"].rstrip("/")) + 1
+        return {e["file"][prefix:]: e for e in self.tokenizer_entries}
 
     # ------------------------------------------------------------------------------------------ components
     def component(self, name: str) -> dict:
@@ -235,9 +247,19 @@ def _check(raw: dict, path: Path) -> None:
     c.need(raw, REQUIRED_SECTIONS, "manifest")
 
     tok = c.obj(raw, "tokenizer", "")
-    c.need(tok, ("folder", "max_text_tokens"), "tokenizer")
+    c.need(tok, ("folder", "max_text_tokens", "files"), "tokenizer")
     if not isinstance(tok["folder"], str) or ".." in Path(tok["folder"]).parts or Path(tok["folder"]).is_absolute():
         c.fail(f"`tokenizer.folder` must be a relative folder name, found {tok['folder']!r}")
+    if not isinstance(tok["files"], list):
+        c.fail(f"`tokenizer.files` must be a list of file entries, found {_describe(tok['files'])}")
+    for k, entry in enumerate(tok["files"]):
+        c.file_entry(entry, f"tokenizer.files[{k}]")
+        if not entry["file"].startswith(tok["folder"].rstrip("/") + "/"):
+            c.fail(f"`tokenizer.files[{k}].file` {entry['file']!r} is not inside the tokenizer folder {tok['folder']!r}")
+    listed = {e["file"] for e in tok["files"]}
+    for name in TOKENIZER_FILES:
+        if f"{tok['folder'].rstrip('/')}/{name}" not in listed:
+            c.fail(f"`tokenizer.files` lacks {name}: every tokenizer file must be covered by a sha256")
     if not _int(tok["max_text_tokens"]) or tok["max_text_tokens"] < 1:
         c.fail(f"`tokenizer.max_text_tokens` must be a positive integer, found {tok['max_text_tokens']!r}")
 
@@ -346,7 +368,7 @@ def _check_files(m: Manifest) -> None:
     for f in TOKENIZER_FILES:
         if not (m.tokenizer_folder / f).is_file():
             raise ManifestError(f"{m.path}: tokenizer file {m.tokenizer_folder / f} is missing")
-    for entry in m.file_entries():
+    for entry in [*m.file_entries(), *m.tokenizer_entries]:
         p = m.root / entry["file"]
         try:
             size = p.stat().st_size
@@ -410,10 +432,10 @@ def _stat_key(path: Path, digest: str) -> tuple:
 
 def verify(manifest: Manifest, files: list[str] | None = None) -> list[str]:
     """Check the sha256 of `files` (file names as in the manifest, or component names for all of a component's
-    files; default: every graph and weight file) against the manifest. Files verified earlier in this process
+    files; default: every graph, weight and tokenizer file) against the manifest. Files verified earlier in this process
     and unchanged since (same path, inode, size, mtime and ctime) are not read again. Returns the names that
     were hashed this time; raises ManifestError naming the file, expected and actual hash on a mismatch."""
-    entries = {e["file"]: e for e in manifest.file_entries()}
+    entries = {e["file"]: e for e in [*manifest.file_entries(), *manifest.tokenizer_entries]}
     if files is None:
         selected = list(entries.values())
     else:

@@ -17,23 +17,11 @@ from PIL import Image
 
 from . import backends
 from .manifest import Manifest, load_manifest, verify
-from .packing import check_size, token_grid
+from .packing import token_grid
+from .request import MAX_SEED, NOISE_SHAPE_TAIL, Request, Sampling, prepare, resolve_sampling  # noqa: F401
 from .rope import dit_rope_tables
-from .schedule import check_guidance, plan, resolution_mu
+from .schedule import plan, resolution_mu
 from .tokenizer import PromptTokenizer
-
-NOISE_SHAPE_TAIL = 128
-MAX_SEED = 2**64 - 1
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Resolved sampling parameters. `guidance[i]` belongs to loop index i, which counts down (0 = last step)."""
-    preset: str | None
-    steps: int
-    mu: float
-    std: float
-    guidance: tuple[float, ...]
 
 
 @dataclass
@@ -44,22 +32,31 @@ class GenerationResult:
     sampling: Sampling
     seed: int | None
     timings: dict[str, float] = field(default_factory=dict)
+    batch_index: int = 0                     # image i drew row batch_index + i of the seed's noise stream
 
 
 class Pipeline:
     """Load once, generate many times. `generate` calls are serialised by a lock: one Pipeline runs one
     request at a time (the device buffers of a request are not shared); use one Pipeline per worker for
-    concurrency."""
+    concurrency.
 
-    def __init__(self, engines: Path | str, backend: str = "auto", verify_checksums: bool = True, **options):
+    engines: the folder, or a Manifest already loaded from it. tokenizer: a PromptTokenizer already loaded from
+    that manifest (`PromptTokenizer.from_manifest`), so a caller that validated a request first loads it once.
+    The sha256 of every graph and weight file the backend reads is checked before the backend parses it."""
+
+    def __init__(self, engines: Path | str | Manifest, backend: str = "auto", verify_checksums: bool = True,
+                 tokenizer: PromptTokenizer | None = None, **options):
         t0 = time.perf_counter()
-        self.manifest: Manifest = load_manifest(engines)
-        self.backend = backends.create(backend, self.manifest, **options)
+        self.manifest: Manifest = engines if isinstance(engines, Manifest) else load_manifest(engines)
+        self.tokenizer = tokenizer or PromptTokenizer.from_manifest(self.manifest)
         if verify_checksums:   # what this backend reads; a backend that checks its own files (TensorRT) says so
+            def before_load(variant: str) -> None:
+                verify(self.manifest, self.manifest.files_for_variant(variant))
+            options["before_load"] = before_load
+        self.backend = backends.create(backend, self.manifest, **options)
+        if verify_checksums:   # a no-op for files hashed above (unchanged since): the guarantee, not the work
             own = getattr(self.backend, "verifies_own_files", False)
             verify(self.manifest, [] if own else self.manifest.files_for_variant(self.backend.graph_variant))
-        self.tokenizer = PromptTokenizer.from_folder(self.manifest.tokenizer_folder,
-                                                     max_tokens=self.manifest.limits["max_text_tokens"])
         self._lock = threading.Lock()
         self.load_seconds = time.perf_counter() - t0
 
@@ -67,32 +64,15 @@ class Pipeline:
 
     def resolve_sampling(self, preset: str | None = None, steps: int | None = None, mu: float | None = None,
                          std: float | None = None, guidance: float | Sequence[float] | None = None) -> Sampling:
-        """A preset (default: the manifest's) with optional overrides. Changing `steps` needs a `guidance`
-        (a constant or one value per step, index 0 = last step): a preset's schedule never silently stretches."""
-        presets = self.manifest.presets
-        name = preset or self.manifest.default_preset
-        if name not in presets:
-            raise ValueError(f"unknown sampler preset {name!r}; allowed: {', '.join(presets)}")
-        p = presets[name]
-        n = p.steps if steps is None else steps
-        if not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"steps={n!r} must be an integer >= 1")
-        if guidance is None:
-            if n != p.steps:
-                raise ValueError(f"steps={n} differs from preset {name} ({p.steps} steps): also give guidance "
-                                 f"(a constant or {n} values, index 0 = last step)")
-            g = p.guidance
-        elif isinstance(guidance, (int, float)):
-            g = (float(guidance),) * n
-        else:
-            g = tuple(float(x) for x in guidance)
-        check_guidance(g, n)
-        custom = steps is not None or mu is not None or std is not None or guidance is not None
-        return Sampling(None if custom else name, n, p.mu if mu is None else float(mu),
-                        p.std if std is None else float(std), g)
+        """A preset (default: the manifest's) with optional overrides (see request.resolve_sampling)."""
+        return resolve_sampling(self.manifest.presets, self.manifest.default_preset, preset, steps, mu, std,
+                                guidance)
+
+    def prepare(self, prompts: str | Sequence[str], **kwargs) -> Request:
+        """Check a request completely (request.prepare) without running anything."""
+        return prepare(self.manifest, self.tokenizer, prompts, **kwargs)
 
     def _check_size(self, height: int, width: int) -> None:
-        check_size(height, width)
         profiles = getattr(self.backend, "check_size", None)
         if profiles:
             profiles(height, width)
@@ -102,39 +82,32 @@ class Pipeline:
     def generate(self, prompts: str | Sequence[str], *, width: int = 1024, height: int = 1024,
                  preset: str | None = None, steps: int | None = None, mu: float | None = None,
                  std: float | None = None, guidance: float | Sequence[float] | None = None,
-                 seed: int | None = 0, noise: np.ndarray | None = None,
+                 seed: int | None = 0, noise: np.ndarray | None = None, batch_index: int = 0,
                  progress: Callable[[int, int], None] | None = None) -> GenerationResult:
         """Generate one image per prompt. Everything is validated before any graph runs.
 
         seed: 0…2^64−1, drawn with numpy's PCG64 (not PyTorch's generator: seeds are not portable across
-        implementations); `noise` (B, image tokens, 128) float32 replaces the seed for cross-implementation
-        reproduction."""
+        implementations); image i takes row batch_index + i of the seed's noise stream, so image i of a batch is
+        reproduced alone with the same seed and batch_index=i. `noise` (B, image tokens, 128) float32 replaces
+        the seed for cross-implementation reproduction."""
         t0 = time.perf_counter()
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("no prompts given")
-        self._check_size(height, width)
-        sampling = self.resolve_sampling(preset, steps, mu, std, guidance)
-        ids = [self.tokenizer.encode(p) for p in prompts]
-        gh, gw = token_grid(height, width)
-        shape = (len(prompts), gh * gw, NOISE_SHAPE_TAIL)
-        if noise is not None:
-            noise = np.asarray(noise)
-            if noise.shape != shape:
-                raise ValueError(f"noise has shape {noise.shape}, expected {shape} (batch, image tokens, 128)")
-            if not np.isfinite(noise).all():
-                raise ValueError("noise contains NaN or Inf")
-            z0 = noise.astype(np.float32)
-            seed = None
-        else:
-            if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-                raise ValueError(f"seed={seed!r} outside 0…2^64-1")
-            z0 = np.random.default_rng(int(seed)).standard_normal(shape, dtype=np.float32)
+        request = self.prepare(prompts, width=width, height=height, preset=preset, steps=steps, mu=mu, std=std,
+                               guidance=guidance, seed=seed, noise=noise, batch_index=batch_index)
+        return self.run(request, progress, t0)
+
+    def run(self, request: Request, progress: Callable[[int, int], None] | None = None,
+            t0: float | None = None) -> GenerationResult:
+        """Run a request checked by `prepare` (the backend's own size limits are checked here)."""
+        t0 = time.perf_counter() if t0 is None else t0
+        self._check_size(request.height, request.width)
+        ids = [list(t) for t in request.ids]
         timings = {"tokenize_s": time.perf_counter() - t0}
         with self._lock:
-            latents, pixels = self._run(ids, height, width, sampling, z0, progress, timings)
+            latents, pixels = self._run(ids, request.height, request.width, request.sampling, request.z0, progress,
+                                        timings)
         timings["total_s"] = time.perf_counter() - t0
-        return GenerationResult([Image.fromarray(p) for p in pixels], latents, ids, sampling, seed, timings)
+        return GenerationResult([Image.fromarray(p) for p in pixels], latents, ids, request.sampling, request.seed,
+                                timings, request.batch_index)
 
     def _run(self, ids, height, width, sampling: Sampling, z0, progress, timings):
         """Prompts of equal length form one batch (the graphs have no padding mask); each batch runs the

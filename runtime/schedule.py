@@ -12,6 +12,12 @@ LOGSNR_MIN = -15.0
 TAU_MIN = 1.0 / (1.0 + math.exp(0.5 * LOGSNR_MAX))   # ≈ 1.2339458e-4: the first model time (noise end)
 TAU_MAX = 1.0 / (1.0 + math.exp(0.5 * LOGSNR_MIN))   # ≈ 0.99944722: the last target (never exactly 1)
 BASE_PIXELS = 512 * 512
+# Bounds of the knobs a request may override (the presets sit well inside them). Within them the schedule is
+# finite in float64 (|mu + std * ndtri(u)| <= 20 + 20 * 5.3 for float32 u) and a step table stays small.
+MAX_STEPS = 1000
+MU_LIMIT = 20.0                 # |mu_base| <= 20 (sigmoid saturates long before)
+STD_MAX = 20.0                  # 0 < std <= 20
+GUIDANCE_LIMIT = 100.0          # |g| <= 100 (the presets use 3 and 7)
 
 
 def check_guidance(guidance, steps: int) -> None:

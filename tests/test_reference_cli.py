@@ -36,5 +36,5 @@ def test_bad_input_is_refused_before_work(tiny_checkpoint, tmp_path, args, msg):
 
 def test_bad_checkpoint_is_refused(tmp_path):
     r = run("--checkpoint", tmp_path, "--prompt", "x", "--output", tmp_path / "o.png")
-    assert r.returncode == 2 and "missing component folder(s)" in r.stderr
+    assert r.returncode == 3 and "missing component folder(s)" in r.stderr
     assert list(tmp_path.iterdir()) == []

@@ -64,19 +64,19 @@ def test_info(engines):
         assert word in r.stdout, word
 
 
-@pytest.mark.parametrize("case,msg", [
-    ("missing", "does not exist"),
-    ("no_manifest", "manifest.json is missing"),
-    ("garbage", "not valid JSON"),
-    ("old_export", "`format_version` is 1; this runtime reads version(s) 2"),
-    ("unwritable", "not a writable directory"),
-    ("size", "height=250 must be a multiple of 16"),
-    ("preset", "unknown sampler preset 'NOPE'"),
-    ("cfg_parallel_on_cpu", "--uncond-device needs --backend onnxruntime-cuda"),
-    ("dequantize_on_tensorrt", "--dequantize-at-load needs --backend onnxruntime-cuda or onnxruntime-cpu"),
-    ("w8a8_on_cpu", "--precision w8a8 needs --backend onnxruntime-cuda"),
+@pytest.mark.parametrize("case,msg,code", [
+    ("missing", "does not exist", 3),
+    ("no_manifest", "manifest.json is missing", 3),
+    ("garbage", "not valid JSON", 3),
+    ("old_export", "`format_version` is 1; this runtime reads version(s) 3", 3),
+    ("unwritable", "not a writable directory", 2),
+    ("size", "height=250 must be a multiple of 16", 2),
+    ("preset", "unknown sampler preset 'NOPE'", 2),
+    ("cfg_parallel_on_cpu", "--uncond-device needs --backend onnxruntime-cuda", 2),
+    ("dequantize_on_tensorrt", "--dequantize-at-load needs --backend onnxruntime-cuda or onnxruntime-cpu", 2),
+    ("w8a8_on_cpu", "--precision w8a8 needs --backend onnxruntime-cuda", 2),
 ])
-def test_refusals_write_nothing(engines, tmp_path, case, msg):
+def test_refusals_write_nothing(engines, tmp_path, case, msg, code):
     import shutil
     eng, out, extra = engines, tmp_path / "out" / "o.png", []
     (tmp_path / "out").mkdir()
@@ -107,14 +107,14 @@ def test_refusals_write_nothing(engines, tmp_path, case, msg):
     if case == "dequantize_on_tensorrt":
         backend, extra = "tensorrt-rtx", ["--dequantize-at-load"]
     r = run("generate", "--engines", eng, "--prompt", "a fox", "--output", out, "--backend", backend, *extra)
-    assert r.returncode == 2 and msg in r.stderr, r.stderr
+    assert r.returncode == code and msg in r.stderr, r.stderr
     if case == "old_export":
         assert "re-run `make export`" in r.stderr, r.stderr
     assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_out_of_memory_at_load_is_an_error_line_and_no_file(engines, tmp_path, monkeypatch, capsys):
-    """`--dequantize-at-load` on a GPU too small (injected: the CPU has no such limit) ends with exit code 2 and
+    """`--dequantize-at-load` on a GPU too small (injected: the CPU has no such limit) ends with exit code 4 and
     the backend's MemoryError as one `error:` line, not a traceback, and writes no image."""
     import onnxruntime as ort
     from ideogram4_engine.runtime.cli import main
@@ -128,8 +128,9 @@ def test_out_of_memory_at_load_is_an_error_line_and_no_file(engines, tmp_path, m
     monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", run_oom)
     out = tmp_path / "o.png"
     rc = main(["generate", "--engines", str(engines), "--prompt", "a red fox", "--width", "256", "--height", "256",
-               "--steps", "2", "--backend", "onnxruntime-cpu", "--dequantize-at-load", "--output", str(out)])
+               "--steps", "2", "--guidance", "7", "--backend", "onnxruntime-cpu", "--dequantize-at-load",
+               "--output", str(out)])
     err = capsys.readouterr().err
-    assert rc == 2
-    assert err.startswith("error: dequantize_at_load: cpu:0 is out of memory at text_encoder weight "), err
+    assert rc == 4
+    assert err.splitlines()[-1].startswith("error: dequantize_at_load: cpu:0 is out of memory at text_encoder weight "), err
     assert "Traceback" not in err and not out.exists()

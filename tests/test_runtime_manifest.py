@@ -116,13 +116,14 @@ def test_garbage_json(copy):
 
 
 def test_wrong_format_or_version(copy):
-    """Format 1 (exports before the bf16 rotary table) and unknown versions are refused, never used."""
-    for version in (1, 3):
+    """Formats 1 (before the bf16 rotary table) and 2 (before the tokenizer checksums) and unknown versions are
+    refused, never used."""
+    for version in (1, 2, 4):
         _edit(copy, lambda r: r.update(format_version=version))
         with pytest.raises(ManifestError, match=rf"manifest\.json: `format_version` is {version}; this runtime reads "
-                                                r"version\(s\) 2: .*re-run `make export`"):
+                                                r"version\(s\) 3: .*re-run `make export`"):
             load_manifest(copy)
-    _edit(copy, lambda r: r.update(format_version=2, format="something-else"))
+    _edit(copy, lambda r: r.update(format_version=3, format="something-else"))
     with pytest.raises(ManifestError, match="`format` is 'something-else', expected 'ideogram4-engine/manifest'"):
         load_manifest(copy)
 
@@ -189,7 +190,7 @@ def _flip_byte(path: Path, offset: int) -> None:
 
 def test_verify_detects_a_flipped_byte(copy):
     m = load_manifest(copy)
-    assert verify(m) == [e["file"] for e in m.file_entries()]
+    assert verify(m) == [e["file"] for e in [*m.file_entries(), *m.tokenizer_entries]]
     data = copy / "dit_uncond.onnx.data"
     expected = m.components["dit_uncond"]["data"]["sha256"]
     _flip_byte(data, data.stat().st_size // 2)

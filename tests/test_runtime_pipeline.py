@@ -100,6 +100,32 @@ def test_checksum_mismatch_is_refused_before_running(engines, tmp_path):
     (dict(seed=2**64), "outside 0…2\\^64-1"),
     (dict(preset="V5_FAST"), "unknown sampler preset 'V5_FAST'; allowed: V4_QUALITY_48"),
     (dict(noise=np.zeros((1, 3, 128), np.float32)), "noise has shape \\(1, 3, 128\\), expected \\(1, 256, 128\\)"),
+    # Python API types (issue 16): each refusal names the value or type and what is allowed
+    (dict(prompts=None), "prompts must be a str or a list of str, got NoneType"),
+    (dict(prompts=b"a fox"), "got bytes \\(decode bytes to str first\\)"),
+    (dict(prompts=[b"a fox"]), "prompts\\[0\\] must be a str, got bytes"),
+    (dict(prompts=["a fox", 3]), "prompts\\[1\\] must be a str, got int"),
+    (dict(prompts=[]), "no prompts given"),
+    (dict(prompts="a\ud800b"), "not valid Unicode \\(lone surrogate"),
+    (dict(steps=True, guidance=7.0), "steps=True must be an integer"),
+    (dict(steps=2.0, guidance=7.0), "steps=2.0 must be an integer"),
+    (dict(width=True), "width=True must be an integer"),
+    (dict(width=256.0), "width=256.0 must be an integer: a multiple of 16 in 256…2048"),
+    (dict(height="256"), "height='256' must be an integer"),
+    (dict(seed=True), "seed=True outside 0…2\\^64-1"),
+    (dict(seed=1.5), "seed=1.5 outside 0…2\\^64-1"),
+    (dict(seed=None), "seed=None outside 0…2\\^64-1"),
+    (dict(steps=1, guidance="7"), "guidance='7' must be a number or a sequence of numbers"),
+    (dict(steps=1, guidance=True), "guidance=True must be a number or a sequence"),
+    (dict(steps=2, guidance=(7.0, None)), "guidance\\[1\\]=None must be a number"),
+    (dict(steps=1, guidance=float("nan")), "guidance\\[0\\]=nan outside the allowed range"),
+    (dict(mu=np.float64("nan")), "mu=nan outside the allowed range; allowed: a finite number in \\[-20, 20\\]"),
+    (dict(mu=float("inf")), "mu=inf outside the allowed range"),
+    (dict(mu="0.5"), "mu='0.5' must be a number"),
+    (dict(std=np.float32(-1)), "std=-1.0 outside the allowed range; allowed: a finite number in \\(0, 20\\]"),
+    (dict(batch_index=-1), "batch_index=-1 outside 0…1023"),
+    (dict(noise=np.full((1, 256, 128), np.nan, np.float32)), "noise contains NaN or Inf"),
+    (dict(noise=np.full((1, 256, 128), "x")), "noise has dtype <U1; allowed: a float32 array"),
 ])
 def test_bad_input_is_refused_before_any_graph_runs(pipe, monkeypatch, kwargs, msg):
     def no_graphs(*a, **k):
@@ -109,6 +135,17 @@ def test_bad_input_is_refused_before_any_graph_runs(pipe, monkeypatch, kwargs, m
     kw = dict(width=256, height=256) | kwargs
     with pytest.raises(ValueError, match=msg):
         pipe.generate(prompts, **kw)
+
+
+def test_numpy_scalars_and_arrays_are_accepted(pipe):
+    """numpy integers and floats are numbers like any other (they come out of arrays and configs)."""
+    r = pipe.prepare("a fox", width=np.int64(256), height=np.uint16(256), steps=np.int32(2),
+                     guidance=np.array([3.0, 7.0], np.float32), mu=np.float32(0.25), std=np.float64(1.5),
+                     seed=np.uint64(2**64 - 1), batch_index=np.int8(1))
+    assert (r.width, r.height, r.sampling.steps, r.sampling.guidance) == (256, 256, 2, (3.0, 7.0))
+    assert r.sampling.mu == 0.25 and r.sampling.std == 1.5 and r.seed == 2**64 - 1 and r.batch_index == 1
+    assert type(r.width) is int and type(r.seed) is int
+    assert pipe.prepare("a fox", width=256, height=256, steps=1, guidance=np.float32(7)).sampling.guidance == (7.0,)
 
 
 def test_runtime_never_imports_torch_or_transformers(engines):

@@ -37,7 +37,7 @@ class OnnxRuntimeBackend:
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
                  uncond_device_id: int | None = None, shared_arena: bool = True,
                  fused_kernels: bool | None = None, kernels_library: str | None = None,
-                 precision: str = "faithful", cuda_graph: bool = False):
+                 precision: str = "faithful", cuda_graph: bool = False, before_load=None):
         """Constant folding is on for CUDA (it computes the FP8 MatMuls' fp32 row scales once; no DequantizeLinear
         of an initializer is left in those graphs) and off for the CPU, whose twin dequantizes every e4m3 weight
         per run and would otherwise hold them all as fp32.
@@ -94,6 +94,7 @@ class OnnxRuntimeBackend:
         self.ort = ort
         self.name = f"onnxruntime-{device}"
         self.graph_variant = VARIANT[device] + (LOAD_DEQUANTIZED if dequantize_at_load else "")
+        self._before_load = before_load     # e.g. the Pipeline's sha256 check: graphs are hashed before parsing
         self.device, self.device_id = device, device_id
         self.manifest = manifest
         self._threads, self._arena = threads, arena_extend_strategy
@@ -162,6 +163,8 @@ class OnnxRuntimeBackend:
         return plan if wanted else plan + [(base, "faithful", None)]
 
     def _sessions(self, names) -> dict:
+        if self._before_load is not None:     # the variant is final here: hash what is about to be parsed
+            self._before_load(self.graph_variant)
         self._runners = {}
         out = {}
         for c in names:
