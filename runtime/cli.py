@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("info", help="summary of an engines folder and the backends available here")
     i.add_argument("--engines", required=True)
     i.set_defaults(func=cmd_info)
+    from ..serve.cli import add_parser as add_serve     # `ideogram4 serve` (serve/cli.py: ray only when it runs)
+    add_serve(sub)
     args = ap.parse_args(argv)
     return args.func(args)
 
