@@ -8,8 +8,7 @@ Requests are checked in the Ingress before they are queued; the queue is Ray Ser
 handle to the Generator, bounded by max_queued_requests; autoscaling follows its length). Cancellation
 (client gone, deadline) goes through Ray's request cancellation to the replica, which stops between steps.
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI reads the route signatures' annotations as types
 import asyncio
 import base64
 import json
@@ -63,8 +62,11 @@ class ServeError(Exception):
     """A failed request: its kind (metrics.ERROR_KINDS), one-line message and optional Retry-After seconds."""
 
     def __init__(self, kind: str, message: str, retry_after: int | None = None):
-        super().__init__(message)
+        super().__init__(kind, message, retry_after)       # all in args: it survives pickling (Ray)
         self.kind, self.message, self.retry_after = kind, message, retry_after
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _one_line(e: BaseException) -> str:
@@ -169,10 +171,11 @@ class Ingress:
             (self.metrics.queued if started is None else self.metrics.running).dec()
 
     async def _result(self, req: Request, protocol: str) -> dict:
-        async for event in self._events(req, protocol, progress=False):
+        result = None
+        async for event in self._events(req, protocol, progress=False):    # to its end: nothing left open
             if event["type"] == "result":
-                return event
-        raise ServeError("internal", "no result")   # unreachable: _events returns after the result
+                result = event
+        return result
 
     # ----------------------------------------------------------------------------------- HTTP
 
@@ -221,7 +224,7 @@ class Ingress:
             context.set_trailing_metadata([("retry-after", str(e.retry_after))])
 
     @staticmethod
-    def _proto_result(r: dict) -> pb.GenerateResponse:
+    def _proto_result(r: dict):
         t = r["timings"]
         return pb.GenerateResponse(
             images=[pb.Image(data=img, mime_type=r["mime_type"]) for img in r["images"]], seed=r["seed"],
@@ -230,7 +233,8 @@ class Ingress:
             timings=pb.Timings(**{k: t[k] for k in ("queue_s", "text_encoder_s", "denoise_s", "vae_s",
                                                      "encode_s", "total_s")}))
 
-    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+    # gRPC methods: no annotations naming protobuf classes (Ray pickles the class when it deploys it)
+    async def Generate(self, request, grpc_context):
         try:
             req = self._admit(lambda: from_proto(request, self.limits))
             return self._proto_result(await self._result(req, "grpc"))
@@ -240,7 +244,7 @@ class Ingress:
             self._grpc_fail(grpc_context, e)
             return pb.GenerateResponse()
 
-    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context):
+    async def GenerateStream(self, request, grpc_context):
         try:
             req = self._admit(lambda: from_proto(request, self.limits))
             yield pb.GenerateEvent(queued=pb.Queued())

@@ -103,12 +103,12 @@ def main(args) -> int:
     from .app import APP_NAME, GRPC_SERVICER, build
 
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     t0 = time.perf_counter()
     try:
         ray.init(address=None if args.address == "local" else args.address, include_dashboard=False,
                  logging_level="WARNING", configure_logging=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):        # after ray.init, which installs its own handlers
+            signal.signal(sig, lambda *_: stop.set())
         if config.gpus_per_replica is None:
             gpus = ray.cluster_resources().get("GPU", 0)
             config.gpus_per_replica = (2.0 if args.cfg_parallel else 1.0) if gpus else 0.0

@@ -8,13 +8,14 @@ from __future__ import annotations
 import collections
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 -- re-exported for the app
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 STAGES = ("queue", "tokenize", "text_encoder", "denoise", "step", "vae", "encode", "total")
 ERROR_KINDS = ("invalid", "queue_full", "deadline", "cancelled", "replica_crashed", "draining", "internal")
 RATE_WINDOW_S = 60.0
+disable_created_metrics()          # no *_created series: scrapers do not need them
 
 
 class Metrics:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import ideogram4_pb2 as ideogram4__pb2
+from ideogram4_engine.serve.pb import ideogram4_pb2 as ideogram4__engine_dot_serve_dot_pb_dot_ideogram4__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in ideogram4_pb2_grpc.py depends on'
+        + ' but the generated code in ideogram4_engine/serve/pb/ideogram4_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class ImageGenerationStub:
         """
         self.Generate = channel.unary_unary(
                 '/ideogram4.v1.ImageGeneration/Generate',
-                request_serializer=ideogram4__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=ideogram4__pb2.GenerateResponse.FromString,
+                request_serializer=ideogram4__engine_dot_serve_dot_pb_dot_ideogram4__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=ideogram4__engine_dot_serve_dot_pb_dot_ideogram4__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/ideogram4.v1.ImageGeneration/GenerateStream',
-                request_serializer=ideogram4__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=ideogram4__pb2.GenerateEvent.FromString,
+                request_serializer=ideogram4__engine_dot_serve_dot_pb_dot_ideogram4__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=ideogram4__engine_dot_serve_dot_pb_dot_ideogram4__pb2.GenerateEvent.FromString,
                 _registered_method=True)
 
 
@@ -69,13 +69,13 @@ def add_ImageGenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=ideogram4__pb2.GenerateRequest.FromString,
-                    response_serializer=ideogram4__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=ideogram4__engine_dot_serve_dot_pb_dot_ideogram4__pb2.GenerateRequest.FromString,
+                    response_serializer=ideogram4__engine_dot_serve_dot_pb_dot_ideogram4__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=ideogram4__pb2.GenerateRequest.FromString,
-                    response_serializer=ideogram4__pb2.GenerateEvent.SerializeToString,
+                    request_deserializer=ideogram4__engine_dot_serve_dot_pb_dot_ideogram4__pb2.GenerateRequest.FromString,
+                    response_serializer=ideogram4__engine_dot_serve_dot_pb_dot_ideogram4__pb2.GenerateEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -103,8 +103,8 @@ class ImageGeneration:
             request,
             target,
             '/ideogram4.v1.ImageGeneration/Generate',
-            ideogram4__pb2.GenerateRequest.SerializeToString,
-            ideogram4__pb2.GenerateResponse.FromString,
+            ideogram4__engine_dot_serve_dot_pb_dot_ideogram4__pb2.GenerateRequest.SerializeToString,
+            ideogram4__engine_dot_serve_dot_pb_dot_ideogram4__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -130,8 +130,8 @@ class ImageGeneration:
             request,
             target,
             '/ideogram4.v1.ImageGeneration/GenerateStream',
-            ideogram4__pb2.GenerateRequest.SerializeToString,
-            ideogram4__pb2.GenerateEvent.FromString,
+            ideogram4__engine_dot_serve_dot_pb_dot_ideogram4__pb2.GenerateRequest.SerializeToString,
+            ideogram4__engine_dot_serve_dot_pb_dot_ideogram4__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,
