@@ -130,6 +130,7 @@ class Ingress:
         deadline = arrival + req.timeout_s
         stream = self.generator.options(stream=True).generate.remote(req, deadline, progress)
         self.inflight += 1
+        self.metrics.admitted.inc()
         self.metrics.queued.inc()
         started = None
         try:

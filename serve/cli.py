@@ -105,7 +105,7 @@ def main(args) -> int:
     stop = threading.Event()
     t0 = time.perf_counter()
     try:
-        ray.init(address=None if args.address == "local" else args.address, include_dashboard=False,
+        ray.init(address=args.address, include_dashboard=False,
                  logging_level="WARNING", configure_logging=True)
         for sig in (signal.SIGTERM, signal.SIGINT):        # after ray.init, which installs its own handlers
             signal.signal(sig, lambda *_: stop.set())

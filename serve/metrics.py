@@ -24,6 +24,8 @@ class Metrics:
         self.requests = Counter("ideogram4_requests", "Requests by protocol and outcome (ok or an error kind)",
                                 ["protocol", "outcome"], registry=r)
         self.errors = Counter("ideogram4_errors", "Failed requests by kind", ["kind"], registry=r)
+        self.admitted = Counter("ideogram4_admitted", "Requests that passed every check and were queued",
+                                registry=r)
         self.queued = Gauge("ideogram4_queue_depth", "Requests accepted and waiting for a replica", registry=r)
         self.running = Gauge("ideogram4_running", "Requests running on a replica", registry=r)
         self.stage = Histogram("ideogram4_stage_seconds", "Time per stage: queue (arrival to start), the "
