@@ -95,14 +95,19 @@ class Ingress:
 
     # ----------------------------------------------------------------------------------- shared core
 
-    def _admit(self, parse) -> Request:
-        if self.draining:
-            raise ServeError("draining", "the server is shutting down (draining): no new requests; retry on "
-                             "another instance", retry_after=1)
+    def _admit(self, parse, protocol: str) -> Request:
+        """The checked request, or ServeError (counted) before anything is queued."""
         try:
-            return self.validator.check(parse()).request
-        except InvalidRequest as e:
-            raise ServeError("invalid", str(e)) from None
+            if self.draining:
+                raise ServeError("draining", "the server is shutting down (draining): no new requests; retry on "
+                                 "another instance", retry_after=1)
+            try:
+                return self.validator.check(parse()).request
+            except InvalidRequest as e:
+                raise ServeError("invalid", str(e)) from None
+        except ServeError as e:
+            self.metrics.error(protocol, e.kind)
+            raise
 
     def _retry_after(self) -> int:
         return max(1, math.ceil(self.service_s or 1.0))
@@ -190,7 +195,7 @@ class Ingress:
     async def generations(self, http: HttpRequest) -> Response:
         body = await http.body()
         try:
-            req = self._admit(lambda: from_json(body, self.limits))
+            req = self._admit(lambda: from_json(body, self.limits), "http")
             r = await self._result(req, "http")
         except ServeError as e:
             return self._http_error(e)
@@ -237,7 +242,7 @@ class Ingress:
     # gRPC methods: no annotations naming protobuf classes (Ray pickles the class when it deploys it)
     async def Generate(self, request, grpc_context):
         try:
-            req = self._admit(lambda: from_proto(request, self.limits))
+            req = self._admit(lambda: from_proto(request, self.limits), "grpc")
             return self._proto_result(await self._result(req, "grpc"))
         except ServeError as e:
             # returned, not raised: Ray Serve's gRPC proxy then sends the code, details and trailing
@@ -247,7 +252,7 @@ class Ingress:
 
     async def GenerateStream(self, request, grpc_context):
         try:
-            req = self._admit(lambda: from_proto(request, self.limits))
+            req = self._admit(lambda: from_proto(request, self.limits), "grpc")
             yield pb.GenerateEvent(queued=pb.Queued())
             async for event in self._events(req, "grpc", progress=True):
                 if event["type"] == "progress":
