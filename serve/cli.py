@@ -37,7 +37,8 @@ def add_parser(sub) -> None:
                    help="autoscale between --replicas and this on queue length (Ray Serve autoscaling)")
     s.add_argument("--gpus-per-replica", type=float, default=None,
                    help="default: 1 (2 with --cfg-parallel) when the cluster has GPUs, else 0")
-    s.add_argument("--cpus-per-replica", type=float, default=1.0)
+    s.add_argument("--cpus-per-replica", type=float, default=1.0,
+                   help="CPUs Ray reserves per replica (with --backend onnxruntime-cpu also its thread count)")
     s.add_argument("--max-queue", type=int, default=16,
                    help="requests waiting for a replica; more get 429 / RESOURCE_EXHAUSTED with Retry-After")
     s.add_argument("--max-n", type=int, default=4, help="images per request at most")
@@ -79,6 +80,8 @@ def _config(args):
         if args.backend != "onnxruntime-cuda":
             raise ValueError(f"--cfg-parallel needs --backend onnxruntime-cuda (got --backend {args.backend})")
         options["uncond_device_id"] = 1
+    if args.backend == "onnxruntime-cpu":       # a CPU replica computes on the cores Ray reserved for it
+        options["threads"] = max(1, int(args.cpus_per_replica))
     from .app import ServeConfig
     return ServeConfig(engines=str(args.engines), backend=args.backend, pipeline_options=options,
                        replicas=args.replicas, max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica,
