@@ -138,7 +138,9 @@ int main(int argc, char** argv) {
     return Usage("a numeric flag is not a number");
   }
 
-  auto channel = grpc::CreateChannel(flags["--target"], grpc::InsecureChannelCredentials());
+  grpc::ChannelArguments channel_args;
+  channel_args.SetMaxReceiveMessageSize(-1);  // images are megabytes: gRPC's default limit is 4 MB
+  auto channel = grpc::CreateCustomChannel(flags["--target"], grpc::InsecureChannelCredentials(), channel_args);
   auto stub = ideogram4::v1::ImageGeneration::NewStub(channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() +
