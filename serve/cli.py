@@ -89,6 +89,29 @@ def _config(args):
                        limits=Limits(width, height, args.max_n, args.request_timeout), warmup=warmup)
 
 
+class _RaisingParser(argparse.ArgumentParser):
+    """argparse that raises ValueError (one line) instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise ValueError(f"ideogram4 serve options: {message}")
+
+
+def config_from_mapping(options: dict):
+    """ServeConfig from `ideogram4 serve` flags given as a mapping ({"engines": ..., "max_queue": 32,
+    "cfg_parallel": True}): the same parser, defaults and checks as the command line."""
+    ap = _RaisingParser(prog="ideogram4")
+    add_parser(ap.add_subparsers(dest="cmd"))
+    argv = ["serve"]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True or str(value).lower() == "true":
+            argv.append(flag)
+        elif value is not False and value is not None and str(value).lower() != "false":
+            argv += [flag, str(value)]
+    args = ap.parse_args(argv)
+    return _config(args), args
+
+
 def main(args) -> int:
     from ..runtime.manifest import ManifestError
     try:
@@ -103,7 +126,7 @@ def main(args) -> int:
     import ray
     from ray import serve
 
-    from .app import APP_NAME, GRPC_SERVICER, build
+    from .app import APP_NAME, GRPC_SERVICER, build, with_gpu_default
 
     stop = threading.Event()
     t0 = time.perf_counter()
@@ -112,9 +135,7 @@ def main(args) -> int:
                  logging_level="WARNING", configure_logging=True)
         for sig in (signal.SIGTERM, signal.SIGINT):        # after ray.init, which installs its own handlers
             signal.signal(sig, lambda *_: stop.set())
-        if config.gpus_per_replica is None:
-            gpus = ray.cluster_resources().get("GPU", 0)
-            config.gpus_per_replica = (2.0 if args.cfg_parallel else 1.0) if gpus else 0.0
+        with_gpu_default(config, ray.cluster_resources().get("GPU", 0))
         serve.start(http_options={"host": args.host, "port": args.port},
                     grpc_options={"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
                     logging_config={"log_level": "WARNING"})

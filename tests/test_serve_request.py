@@ -134,3 +134,24 @@ def test_generated_code_matches_the_proto(tmp_path):
 
     for new in codegen.generate(tmp_path):
         assert new.read_bytes() == (codegen.PACKAGE_DIR / new.name).read_bytes(), new.name
+
+
+@pytest.mark.skipif(not have_serve()[0], reason=have_serve()[1])
+def test_serve_options_from_a_mapping_are_checked_like_flags(tiny_engines):
+    """The application builder (KubeRay, `serve run`) takes the command line's flags as a mapping."""
+    from ideogram4_engine.serve.cli import config_from_mapping
+
+    config, _ = config_from_mapping({"engines": str(tiny_engines), "backend": "onnxruntime-cpu", "max_queue": 32,
+                                     "max_replicas": "4", "default_size": "512x256", "dequantize_at_load": True,
+                                     "cfg_parallel": False})
+    assert (config.max_queue, config.replicas, config.max_replicas, config.gpus_per_replica) == (32, 1, 4, None)
+    assert (config.limits.default_width, config.limits.default_height) == (512, 256)
+    assert config.pipeline_options == {"dequantize_at_load": True, "threads": 1}
+    for bad, message in [({"max_queue": "many"}, "argument --max-queue: invalid int value: 'many'"),
+                         ({"default_size": "100x256"}, "width=100 must be a multiple of 16"),
+                         ({"max_replicas": 0}, "--max-replicas=0 is below --replicas=1"),
+                         ({"cfg_parallel": True}, "--cfg-parallel needs --backend onnxruntime-cuda"),
+                         ({"colour": "red"}, "unrecognized arguments: --colour red")]:
+        with pytest.raises(ValueError) as e:
+            config_from_mapping({"engines": str(tiny_engines), "backend": "onnxruntime-cpu", **bad})
+        assert message in str(e.value) and "\n" not in str(e.value)
