@@ -187,41 +187,42 @@ def test_grpc_bad_input_matrix(server, pipe):
 # ------------------------------------------------------------------------------------------- limits
 
 def test_bounded_queue_http_429_and_grpc_resource_exhausted(server):
+    """Fill the replica and the queue with long requests (with deadlines), then every new one is refused."""
     import grpc
 
     from ideogram4_engine.serve.pb import ideogram4_pb2 as pb
 
     stub = server.stub()
-    results, lock = [], threading.Lock()
-
-    def http_client():
-        status, headers, r = server.generate({"prompt": "q", "size": "256x256", "steps": 4, "guidance": 4})
-        with lock:
-            results.append(("http", status, headers.get("retry-after"), r.get("error", {}).get("message")))
-
-    def grpc_client():
-        try:
-            stub.Generate(pb.GenerateRequest(prompt="q", width=256, height=256, steps=4, guidance=[4]), timeout=120)
-            item = ("grpc", 200, None, None)
-        except grpc.RpcError as e:
-            retry = dict(e.trailing_metadata() or ()).get("retry-after")
-            item = ("grpc", e.code(), retry, e.details())
-        with lock:
-            results.append(item)
-
-    threads = [threading.Thread(target=f) for f in [http_client, grpc_client] * 7]
-    for t in threads:
+    held = []
+    threads = [threading.Thread(target=lambda t=t: held.append(server.generate(
+        {"prompt": "hold", "size": "256x256", "steps": 400, "guidance": 4, "timeout_s": t})))
+        for t in [10] + [5] * MAX_QUEUE]          # the queued ones expire while the first still runs
+    for t in threads:               # one by one: Ray's router may refuse early when requests arrive together
         t.start()
-    for t in threads:
-        t.join()
-    ok = [r for r in results if r[1] == 200]
-    full = [r for r in results if r[1] in (429, grpc.StatusCode.RESOURCE_EXHAUSTED)]
-    assert len(ok) + len(full) == len(threads), results             # nothing else: no 5xx, no hang
-    assert len(ok) >= 2 and len(full) >= len(threads) - 1 - MAX_QUEUE, results
-    for proto, status, retry, message in full:
-        assert retry is not None and int(retry) >= 1, (proto, status, retry)
+        time.sleep(0.3)
+    end = time.monotonic() + 8
+    while (m := server.metrics())["ideogram4_running"] < 1 or m["ideogram4_queue_depth"] < MAX_QUEUE:
+        assert time.monotonic() < end, m
+        time.sleep(0.05)
+    refused = []
+    for _ in range(2):
+        status, headers, r = server.generate({"prompt": "one more", **FAST})
+        refused.append(("http", status, headers.get("retry-after"), r["error"]["message"]))
+        try:
+            stub.Generate(pb.GenerateRequest(prompt="one more", width=256, height=256, steps=1, guidance=[4]),
+                          timeout=30)
+            refused.append(("grpc", "OK", None, None))
+        except grpc.RpcError as e:
+            refused.append(("grpc", e.code(), dict(e.trailing_metadata() or ()).get("retry-after"), e.details()))
+    for proto, status, retry, message in refused:
+        assert status in (429, grpc.StatusCode.RESOURCE_EXHAUSTED), refused
+        assert retry is not None and int(retry) >= 1, refused
         assert message.startswith(f"the queue is full ({MAX_QUEUE} requests waiting); retry after"), message
-    assert {p for p, *_ in full} == {"http", "grpc"}, results
+    for t in threads:
+        t.join(60)
+    assert sorted(status for status, _, _ in held) == [504] * (1 + MAX_QUEUE), [r for _, _, r in held]
+    where = sorted(r["error"]["message"].rsplit(" ", 1)[-1] for _, _, r in held)
+    assert where == ["queued"] * MAX_QUEUE + ["running"], where       # the deadline covers the queue too
 
 
 def test_deadline(server):
