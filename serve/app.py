@@ -277,7 +277,7 @@ class Ingress:
                 dep = status.applications[serve.get_replica_context().app_name].deployments[GENERATOR]
                 running = dep.replica_states.get("RUNNING", 0)
                 ready, why = running > 0, f"{running} generator replica(s) running" + (
-                    "" if running else f" ({dep.status}: {dep.message or 'loading and warming up'})")
+                    "" if running else f" ({dep.status.value}: {dep.message or 'loading and warming up'})").replace("\n", " ")
             except Exception as e:               # noqa: BLE001 -- a probe reports, never raises
                 ready, why = False, f"status unavailable: {e}"
             self._ready = (time.monotonic(), ready, why)

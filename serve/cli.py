@@ -129,20 +129,31 @@ def main(args) -> int:
     from .app import APP_NAME, GRPC_SERVICER, build, with_gpu_default
 
     stop = threading.Event()
+    starting = [True]
+
+    def on_signal(*_):
+        stop.set()
+        if starting[0]:                     # nothing is in flight yet: abandon the start-up
+            raise _Interrupted()
+
     t0 = time.perf_counter()
     try:
         ray.init(address=args.address, include_dashboard=False,
                  logging_level="WARNING", configure_logging=True)
         for sig in (signal.SIGTERM, signal.SIGINT):        # after ray.init, which installs its own handlers
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
         with_gpu_default(config, ray.cluster_resources().get("GPU", 0))
         serve.start(http_options={"host": args.host, "port": args.port},
                     grpc_options={"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
                     logging_config={"log_level": "WARNING"})
         handle = serve.run(build(config), name=APP_NAME, route_prefix="/")
+        starting[0] = False
+    except _Interrupted:
+        print("stopped before the server was ready (signal)", file=sys.stderr)
+        _shutdown(args.address)
+        return 0
     except Exception as e:                                    # noqa: BLE001 -- one line, then the exit code
-        print(f"error: the server did not start: {type(e).__name__}: {str(e).strip().splitlines()[-1:]}",
-              file=sys.stderr)
+        print(f"error: the server did not start: {_start_failure(e)}", file=sys.stderr)
         _shutdown(args.address)
         return 1
     synthetic = " -- SYNTHETIC weights: images are noise-like by design" if _synthetic(config.engines) else ""
@@ -154,6 +165,27 @@ def main(args) -> int:
             print("error: Ray stopped", file=sys.stderr)
             return 1
     return _drain(handle, config.limits.timeout_s if args.drain_timeout is None else args.drain_timeout, args.address)
+
+
+class _Interrupted(Exception):
+    """SIGTERM/SIGINT before the server was ready."""
+
+
+def _start_failure(e: Exception) -> str:
+    """Why the application did not deploy, in one line: a failed deployment's own error (the last line of the
+    traceback Ray Serve keeps in its status) rather than Ray's summary."""
+    from ray import serve
+
+    from .app import APP_NAME
+    try:
+        for name, dep in serve.status().applications[APP_NAME].deployments.items():
+            lines = [line.strip() for line in (dep.message or "").splitlines() if line.strip()]
+            if dep.status.value in ("DEPLOY_FAILED", "UNHEALTHY") and lines:
+                return f"{name}: {lines[-1]}"
+    except Exception:                     # noqa: BLE001 -- fall back to Ray's own message
+        pass
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"
 
 
 def _synthetic(engines: str) -> bool:
