@@ -155,3 +155,21 @@ def test_serve_options_from_a_mapping_are_checked_like_flags(tiny_engines):
         with pytest.raises(ValueError) as e:
             config_from_mapping({"engines": str(tiny_engines), "backend": "onnxruntime-cpu", **bad})
         assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_plain_runtime_never_imports_ray(tiny_engines):
+    """`ideogram4 generate/info` carry the `serve` subcommand but import nothing of the server until it runs."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from ideogram4_engine.runtime.cli import main
+from ideogram4_engine.serve.request import Validator
+assert main(["info", "--engines", {str(tiny_engines)!r}]) == 0
+Validator({str(tiny_engines)!r})
+print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "fastapi", "grpc", "starlette")))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "LOADED []" in r.stdout
