@@ -11,7 +11,6 @@ handle to the Generator, bounded by max_queued_requests; autoscaling follows its
 # no `from __future__ import annotations`: FastAPI reads the route signatures' annotations as types
 import asyncio
 import base64
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError
 
 from .metrics import CONTENT_TYPE_LATEST, Metrics
@@ -33,6 +33,7 @@ INGRESS = "Ingress"
 GENERATOR = "Generator"
 GRPC_SERVICER = "ideogram4_engine.serve.pb.ideogram4_pb2_grpc.add_ImageGenerationServicer_to_server"
 READY_CACHE_S = 1.0
+INGRESS_SPARE = 256          # Ingress slots beyond the admitted requests (probes, refusals), and its own queue
 
 HTTP_STATUS = {"invalid": 400, "queue_full": 429, "deadline": 504, "cancelled": 499, "replica_crashed": 503,
                "draining": 503, "internal": 500}
@@ -303,9 +304,12 @@ def build(config: ServeConfig):
         **({"autoscaling_config": {"min_replicas": config.replicas, "max_replicas": config.max_replicas,
                                    "target_ongoing_requests": config.target_ongoing}}
            if config.max_replicas else {"num_replicas": config.replicas}))
+    # the Ingress holds every admitted request (queued or running) plus probes and refusals in progress; a flood
+    # beyond that waits at the proxy, bounded too (429 with Retry-After from Ray Serve itself)
     ingress = serve.deployment(Ingress, name=INGRESS).options(
         num_replicas=1, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=config.max_queue + (config.max_replicas or config.replicas) + 1000,
+        max_ongoing_requests=config.max_queue + (config.max_replicas or config.replicas) + INGRESS_SPARE,
+        max_queued_requests=INGRESS_SPARE, backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
         graceful_shutdown_timeout_s=limits.timeout_s)
     return ingress.bind(generator.bind(config.engines, config.backend, config.pipeline_options, warmup),
                         config.engines, limits, config.max_queue)

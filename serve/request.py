@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.manifest import Manifest, load_manifest
@@ -63,9 +63,6 @@ class Request:
         return {"width": self.width, "height": self.height, "preset": self.preset, "steps": self.steps,
                 "mu": self.mu, "std": self.std, "guidance": self.guidance, "seed": self.seed}
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
 class Checked:
@@ -73,7 +70,6 @@ class Checked:
     request: Request
     sampling: Sampling
     text_tokens: int
-    extra: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------- field types

@@ -16,7 +16,6 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import AsyncIterator
 
 from PIL import Image, PngImagePlugin
