@@ -16,7 +16,9 @@ PRESET ?= V4_DEFAULT_20
 OUTPUT ?= out.png
 ATTENTION ?= op
 
-.PHONY: run reference test checkpoint export engines clean serve cpp-client
+.PHONY: run reference test checkpoint export engines clean kernels serve cpp-client
+
+include kernels/w8a8.mk
 
 ENGINES ?= engines/$(notdir $(abspath $(CHECKPOINT)))
 BACKEND ?= auto
@@ -44,8 +46,15 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[build,ort-cpu,test,trt-rtx,serve]'
 	touch $@
 
-test: $(BIN)/.installed cpp-client
+test: $(BIN)/.installed kernels $(W8A8_LIB) cpp-client
 	$(BIN)/python -m pytest -q
+
+# The fused CUDA kernels for onnxruntime's CUDA provider (kernels/, docs/runtime.md): nvcc 13 and network to
+# Debian once (onnxruntime's API headers are cached under build/). ARCHES="90" builds for Hopper only.
+KERNELS_LIB := build/kernels/libideogram4_kernels.so
+kernels: $(KERNELS_LIB)
+$(KERNELS_LIB): kernels/build.sh kernels/fused.h kernels/fused.cu kernels/ort_ops.cu
+	bash kernels/build.sh
 
 # The C++ gRPC client (clients/cpp) with Debian's gRPC: the system's, or the same packages fetched into
 # build/cpp/deps (private apt state, nothing installed). Exit code 3 = cannot be obtained here: the C++ test
@@ -89,4 +98,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python scripts/bench.py report --root $(BENCH_ROOT)
 
 clean:
-	rm -rf $(VENV) checkpoints engines/*/
+	rm -rf $(VENV) checkpoints engines/*/ build/kernels

@@ -18,13 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--quantize", choices=["fp8"], default="fp8",
                    help="quantize unquantized (bf16/fp32) Linears to FP8 at export (default; FP8 ones are kept)")
     q.add_argument("--keep-dtype", action="store_true", help="export unquantized Linears as bf16 instead")
+    ap.add_argument("--precision", default="faithful", choices=["faithful", "w8a8"],
+                    help="w8a8: also write the opt-in cuda_w8a8 graphs (DiT block linears with FP8 activations on FP8 "
+                         "tensor cores; numerics change, docs/export.md); the faithful graphs are always written")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     from .checkpoint import CheckpointError
     from .export import ExportOptions, export
 
     opts = ExportOptions(attention_form=args.attention, weights="keep" if args.keep_dtype else "fp8",
-                         progress=not args.no_progress and sys.stderr.isatty())
+                         progress=not args.no_progress and sys.stderr.isatty(), precision=args.precision)
     t0 = time.perf_counter()
     try:
         manifest = export(args.checkpoint, args.out, opts)

@@ -114,23 +114,37 @@ def is_fp8(header: dict[str, HeaderEntry]) -> bool:
     return any(k.endswith(".weight_scale") or e.dtype == FP8_DTYPE for k, e in header.items())
 
 
+def _examples(names: list[str]) -> str:
+    more = f" (and {len(names) - 5} more)" if len(names) > 5 else ""
+    return ", ".join(map(repr, names[:5])) + more
+
+
 def check_inventory(where: str, header: dict[str, HeaderEntry], inventory: dict[str, TensorSpec],
-                    ignore: Callable[[str], bool] = lambda k: False) -> list[str]:
-    """Compare a component's header with its expected inventory; raise CheckpointError listing every
-    problem (missing/unexpected keys, dtypes, shapes, FP8 weights without scales). Returns the names of the
-    FP8-quantized Linear weights."""
+                    ignore: Callable[[str], bool] = lambda k: False,
+                    drop_unexpected: bool = False) -> tuple[list[str], list[str]]:
+    """Compare a component's header with its expected inventory (policy: docs/checkpoint.md); raise
+    CheckpointError listing every problem (missing/unexpected keys, dtypes, shapes, FP8 weights without
+    scales). `ignore`: keys the official code loads but text-to-image never uses; `drop_unexpected`: unknown
+    keys are skipped as the official loader of this component skips them. Returns (FP8-quantized Linear
+    weights, warnings: what was accepted but is skipped or filled in)."""
     problems: list[str] = []
+    warnings: list[str] = []
     quantized: list[str] = []
     expected_scales = {scale_name(k): k for k, s in inventory.items() if s.kind == "linear"}
     for name, spec in inventory.items():
         entry = header.get(name)
         if entry is None:
-            problems.append(f"missing tensor {name!r} (expected shape {spec.shape})")
+            if spec.optional:
+                warnings.append(f"{where}: {name!r} is missing; accepted, as the official load fills it in "
+                                "(never used)")
+            else:
+                problems.append(f"missing tensor {name!r} (expected shape {spec.shape})")
             continue
-        if entry.dtype not in KIND_DTYPES[spec.kind]:
-            problems.append(f"tensor {name!r} has dtype {entry.dtype}, expected one of "
-                            f"{', '.join(KIND_DTYPES[spec.kind])}")
-        if entry.shape != spec.shape:
+        accepted = KIND_DTYPES[spec.kind]
+        if accepted is not None and entry.dtype not in accepted:
+            problems.append(f"tensor {name!r} has dtype {entry.dtype}, expected one of {', '.join(accepted)}")
+        scalar_as_1d = spec.shape == () and entry.shape == (1,)        # PyTorch's load takes it for a 0-dim
+        if entry.shape != spec.shape and not scalar_as_1d:
             problems.append(f"tensor {name!r} has shape {entry.shape}, expected {spec.shape}")
         if spec.kind != "linear":
             continue
@@ -145,20 +159,28 @@ def check_inventory(where: str, header: dict[str, HeaderEntry], inventory: dict[
             problems.append(f"{sname!r} present but {name!r} is {entry.dtype}, not FP8 e4m3")
         if scale is not None:
             if scale.dtype not in SCALE_DTYPES:
-                problems.append(f"scale {sname!r} has dtype {scale.dtype}, expected F32")
+                problems.append(f"scale {sname!r} has dtype {scale.dtype}, expected one of "
+                                f"{', '.join(SCALE_DTYPES)} (the release stores F32)")
             if scale.shape != spec.shape[:1]:
                 problems.append(f"scale {sname!r} has shape {scale.shape}, expected {spec.shape[:1]} "
                                 "(one per output row)")
-    unexpected = sorted(k for k in header if k not in inventory and k not in expected_scales and not ignore(k))
-    if unexpected:
-        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        problems.append(f"unexpected tensor(s): {', '.join(map(repr, unexpected[:5]))}{more}")
+    unknown = sorted(k for k in header if k not in inventory and k not in expected_scales)
+    skipped = [k for k in unknown if ignore(k)]
+    unexpected = [k for k in unknown if not ignore(k)]
+    if skipped:
+        warnings.append(f"{where}: {len(skipped)} tensor(s) that text-to-image never uses, skipped: "
+                        f"{_examples(skipped)}")
+    if unexpected and drop_unexpected:
+        warnings.append(f"{where}: {len(unexpected)} unexpected tensor(s) skipped, as the official loader "
+                        f"drops them: {_examples(unexpected)}")
+    elif unexpected:
+        problems.append(f"unexpected tensor(s): {_examples(unexpected)}")
     if problems:
         head = problems[:12]
         more = f"\n  … and {len(problems) - 12} more" if len(problems) > 12 else ""
         raise CheckpointError(f"{where}: checkpoint does not match the expected layout:\n  "
                               + "\n  ".join(head) + more)
-    return quantized
+    return quantized, warnings
 
 
 @dataclass
@@ -167,6 +189,7 @@ class Component:
     files: ComponentFiles
     quantized: list[str]        # FP8 Linear weights
     config: object              # DiTConfig / transformers config / VAEConfig
+    warnings: list[str] = field(default_factory=list)   # accepted, but skipped or filled in (docs/checkpoint.md)
 
 
 @dataclass
@@ -180,6 +203,10 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(c.files.nbytes for c in self.components.values())
 
+    @property
+    def warnings(self) -> list[str]:
+        return [w for c in self.components.values() for w in c.warnings]
+
     def describe(self) -> str:
         kind = (f"SYNTHETIC checkpoint (config {self.synthetic.get('config')!r}, seed {self.synthetic.get('seed')}): "
                 "random weights in the official layout, not the real model" if self.synthetic
@@ -188,6 +215,7 @@ class Checkpoint:
         for c in self.components.values():
             parts.append(f"  {c.name}: {len(c.files.header)} tensors in {len(c.files.files)} file(s), "
                          f"{len(c.quantized)} FP8 Linear(s)")
+        parts += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(parts)
 
 
@@ -200,8 +228,8 @@ def _dit(root: Path, name: str) -> Component:
         cfg = DiTConfig.from_json(folder / "config.json")
     except (TypeError, ValueError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
-    quantized = check_inventory(str(folder), files.header, dit_inventory(cfg))
-    return Component(name, files, quantized, cfg)
+    quantized, warnings = check_inventory(str(folder), files.header, dit_inventory(cfg))
+    return Component(name, files, quantized, cfg, warnings)
 
 
 def _text_encoder(root: Path) -> Component:
@@ -222,8 +250,10 @@ def _text_encoder(root: Path) -> Component:
     if fp8_weights and not fp8_flag:
         raise CheckpointError(f"{folder}: weights are FP8 but config.json lacks \"ideogram_fp8_weight_only\": true")
     inventory = text_encoder_inventory(config.text_config, fp8_flag)
-    quantized = check_inventory(str(folder), files.header, inventory, ignore=is_ignored_key)
-    return Component("text_encoder", files, quantized, config)
+    # FP8: loaded into Qwen3VLModel, unexpected keys fatal; otherwise transformers' from_pretrained drops them
+    quantized, warnings = check_inventory(str(folder), files.header, inventory, ignore=is_ignored_key,
+                                          drop_unexpected=not fp8_flag)
+    return Component("text_encoder", files, quantized, config, warnings)
 
 
 def _vae(root: Path) -> Component:
@@ -236,8 +266,8 @@ def _vae(root: Path) -> Component:
     except (TypeError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
     files = component_files(folder, COMPONENTS["vae"], allow_index=False)
-    check_inventory(str(folder), files.header, vae_inventory(cfg))
-    return Component("vae", files, [], cfg)
+    _, warnings = check_inventory(str(folder), files.header, vae_inventory(cfg))
+    return Component("vae", files, [], cfg, warnings)
 
 
 def _tokenizer(root: Path) -> None:

@@ -127,14 +127,17 @@ def timestep_sinusoid(tau: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """inv_freq[i] = 1 / θ^(2i/head_dim) in fp32, i < head_dim/2."""
+    """inv_freq[i] = 1 / θ^(2i/head_dim), i < head_dim/2: formed in fp32, rounded to bf16, promoted back to fp32
+    (§2.6). The official loader's `model.to(bf16)` casts this non-persistent buffer too and its forward promotes
+    it back; image positions sit at ≥ 65536, so the rounding moves the angles a lot and must be reproduced."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(torch.float32) / head_dim
-    return 1.0 / (theta ** exponent)
+    return (1.0 / (theta ** exponent)).to(torch.bfloat16).to(torch.float32)
 
 
 def mrope_angles(positions: torch.Tensor, head_dim: int, theta: float,
                  mrope_section: tuple[int, int, int]) -> torch.Tensor:
-    """Per-slot fp32 angles (..., head_dim/2) with Qwen3-VL interleaved axis selection (§2.6, trap 8):
+    """Per-slot fp32 angles (..., head_dim/2) = fp32(pos) · bf16-rounded inv_freq, with Qwen3-VL interleaved
+    axis selection (§2.6, trap 8):
     slot i takes the h angle if i%3==1 and i<3·sec[1], the w angle if i%3==2 and i<3·sec[2], else t."""
     inv = rope_inv_freq(head_dim, theta, positions.device)
     theta_axes = positions.to(torch.float32)[..., None] * inv        # (..., 3, slots), one fp32 product

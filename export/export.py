@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ..runtime import latents as latent_tables
-from ..runtime.manifest import LOAD_DEQUANTIZED     # <c>.<twin>_dql.onnx: the twin with its FP8 weights as bf16 inputs
+from ..runtime.manifest import FORMAT_VERSIONS, FUSED, LOAD_DEQUANTIZED  # _dql: <c>.<twin>_dql.onnx, FP8 weights as bf16 inputs
 from ..runtime.packing import MAX_ASPECT, MAX_SIDE, MAX_TEXT_TOKENS, MIN_SIDE, PIXELS_PER_TOKEN
 from ..runtime.schedule import DEFAULT_PRESET, PRESETS, TAU_MAX, TAU_MIN
 from .checkpoint import Checkpoint, Component, TensorSource, open_checkpoint
@@ -35,16 +35,21 @@ from .fp8 import quantize_rows
 from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
 from .graphs.rewrite import (bf16_to_fp32_emulation, cpu_dequantized_at_load, cuda_dequantized_at_load, for_cuda,
                              fp8_weights)
+from .graphs.fuse import cuda_fused_dequantized_at_load, for_cuda_fused, kernels_section
+from .graphs.w8a8 import for_cuda_w8a8
 from .inventory import scale_name
 
-EXPORTER_VERSION = 8          # bump whenever the graphs an unchanged checkpoint exports would change (7: reverted RoPE rewrite)
+EXPORTER_VERSION = 10         # bump whenever the graphs an unchanged checkpoint exports would change (9: cuda_fused twins; 10: bf16 MRoPE table)
 COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
 SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond": "unconditional_transformer",
           "vae_decoder": "vae"}
 WEIGHT_MODES = ("fp8", "keep")
+PRECISIONS = ("faithful", "w8a8")       # w8a8: also the cuda_w8a8 twins (FP8 activations; numerics change)
+PRECISION_VARIANTS = {"faithful": {}, "w8a8": {"cuda_w8a8": for_cuda_w8a8}}
 SCHEMA = Path(__file__).with_name("manifest.schema.json")
 VARIANTS = {"cuda": for_cuda, "cpu": bf16_to_fp32_emulation,       # graph file suffix -> rewrite of the bf16 graph
-            "cuda" + LOAD_DEQUANTIZED: cuda_dequantized_at_load, "cpu" + LOAD_DEQUANTIZED: cpu_dequantized_at_load}
+            "cuda" + LOAD_DEQUANTIZED: cuda_dequantized_at_load, "cpu" + LOAD_DEQUANTIZED: cpu_dequantized_at_load,
+            "cuda" + FUSED: for_cuda_fused, "cuda" + FUSED + LOAD_DEQUANTIZED: cuda_fused_dequantized_at_load}
 GRAPH_USE = {"bf16": "canonical bf16 graph: TensorRT / TensorRT-RTX engines are built from it",
              "cuda": "onnxruntime CUDAExecutionProvider (bf16; ops without bf16 CUDA kernels run in fp32; FP8 linears "
                      "as com.microsoft.MatMulBlockQuantizedFp8Weight, onnxruntime-gpu >= 1.31; the DiTs' attention "
@@ -52,7 +57,14 @@ GRAPH_USE = {"bf16": "canonical bf16 graph: TensorRT / TensorRT-RTX engines are 
              "cpu": "onnxruntime CPUExecutionProvider (fp32 compute, bf16 rounding after every op)",
              "cuda_dql": "the cuda twin with every FP8 weight a bf16 input, dequantized once at load by the "
                          "component's `dequantize` graph (onnxruntime `dequantize_at_load`)",
-             "cpu_dql": "the cpu twin with every FP8 weight a bf16 input (as cuda_dql)"}
+             "cpu_dql": "the cpu twin with every FP8 weight a bf16 input (as cuda_dql)",
+             "cuda_fused": "the cuda twin with its elementwise chains (modulation, gated residuals, q/k norm + "
+                           "rotation, SiLU-up) as the ideogram4 fused CUDA ops of the kernels library (see `kernels`)",
+             "cuda_fused_dql": "the cuda_dql twin with the same fused ops",
+             "cuda_w8a8": "opt-in (`--precision w8a8`): the cuda twin with the DiT blocks' linears as W8A8 — per-token "
+                          "e4m3 activations x the stored e4m3 weights on FP8 tensor cores (custom ops of domain "
+                          "ideogram4.w8a8, build/kernels/libideogram4_w8a8.so); numerics differ from the faithful "
+                          "graphs"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,7 @@ class ExportOptions:
     weights: str = "fp8"           # fp8: float (unquantized) Linears are quantized to e4m3 at export with
                                    # the per-row RTN formula; FP8 ones are kept. keep: float Linears stay bf16
     progress: bool = True
+    precision: str = "faithful"    # w8a8: also write the cuda_w8a8 twins (docs/export.md)
 
 
 class QuantizingSource:
@@ -155,8 +168,8 @@ def exporter_fingerprint() -> str:
     if EXPORTER_VERSION was not bumped."""
     h = hashlib.sha256()
     root = Path(__file__).parent
-    # engines.py builds from the exported graphs and keeps its own build keys: not part of the graphs' source
-    for f in sorted(p for p in root.rglob("*.py") if p.name != "engines.py") + [SCHEMA]:
+    # engines/ builds from the exported graphs and keeps its own build keys: not part of the graphs' source
+    for f in sorted(p for p in root.rglob("*.py") if p.relative_to(root).parts[0] != "engines") + [SCHEMA]:
         h.update(f.relative_to(root).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()
@@ -167,7 +180,9 @@ def _cache_key(name: str, ckpt: Checkpoint, opts: ExportOptions, file_hashes: di
     cfg = comp.config.to_dict() if hasattr(comp.config, "to_dict") else comp.config.__dict__
     blob = json.dumps({"exporter": EXPORTER_VERSION, "source": exporter_fingerprint(), "component": name,
                        "attention": opts.attention_form,
-                       "weights": opts.weights, "config": cfg, "files": file_hashes}, sort_keys=True, default=str)
+                       "weights": opts.weights, "config": cfg, "files": file_hashes,
+                       **({"precision": opts.precision} if opts.precision != "faithful" else {})},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -221,6 +236,7 @@ def _static_sections(ckpt: Checkpoint) -> dict:
                  "image_position_offset": 65536,
                  "tables": "text token p: position (p,p,p); image token (r,c): (65536, 65536+r, 65536+c); slot i of "
                            "head_dim/2 takes axis h if i%3==1 and i<3*sec[1], w if i%3==2 and i<3*sec[2], else t; "
+                           "inv_freq[i] = float32(bfloat16(1 / theta^(2i/head_dim) in float32)) (spec 2.6); "
                            "angle = float32(pos[axis]) * inv_freq[i] (one float32 product); "
                            "cos/sin of [angles, angles] (runtime: float64 evaluation, rounded to float32)"},
         "limits": {"min_side": MIN_SIDE, "max_side": MAX_SIDE, "multiple": PIXELS_PER_TOKEN,
@@ -241,6 +257,10 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
         raise ValueError(f"attention form {opts.attention_form!r}; allowed: op, matmul")
     if opts.weights not in WEIGHT_MODES:
         raise ValueError(f"weights mode {opts.weights!r}; allowed: {', '.join(WEIGHT_MODES)}")
+    if opts.precision not in PRECISIONS:
+        raise ValueError(f"precision {opts.precision!r}; allowed: {', '.join(PRECISIONS)}")
+    rewrites = {**VARIANTS, **PRECISION_VARIANTS[opts.precision]}
+    graph_use = {v: GRAPH_USE[v] for v in ("bf16", *rewrites)}
     ckpt = open_checkpoint(checkpoint)
     log(ckpt.describe())
     out = Path(out).absolute()
@@ -275,13 +295,19 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
                     bar.refresh()
                 builder, mode = _build(name, ckpt, graph, opts, progress)
                 model = builder.save(graph)
-            for variant, rewrite in VARIANTS.items():
-                onnx.save(rewrite(model), str(tmp / f"{name}.{variant}.onnx"))
-            variants = list(VARIANTS)
+            paths: dict[str, Path] = {}
+            written: dict[bytes, Path] = {}         # a derived variant with nothing to change shares its twin's file
+            for variant, rewrite in rewrites.items():
+                data = rewrite(model).SerializeToString()
+                if (FUSED in variant or variant in PRECISION_VARIANTS[opts.precision]) and data in written:
+                    paths[variant] = written[data]
+                    continue
+                paths[variant] = tmp / f"{name}.{variant}.onnx"
+                paths[variant].write_bytes(data)
+                written.setdefault(data, paths[variant])
             ins, outs, call = component_io(name, ckpt)
             components[name] = {
-                "graphs": {"bf16": _file_entry(graph),
-                           **{v: _file_entry(tmp / f"{name}.{v}.onnx") for v in variants}},
+                "graphs": {"bf16": _file_entry(graph), **{v: _file_entry(p) for v, p in paths.items()}},
                 "data": _file_entry(tmp / f"{name}.onnx.data"),
                 "inputs": ins, "outputs": outs, "call": call, "cache_key": key,
                 "weights": mode, "initializer_bytes": builder.weight_bytes,
@@ -293,23 +319,25 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
             log(f"{name}: {builder.weight_bytes / 1e6:.1f} MB of weights "
                 f"({builder.weight_bytes / comp.files.nbytes:.3f}x the checkpoint's), "
                 f"{time.perf_counter() - t0:.1f} s")
-        components["guided_step"] = _write_guided_step(tmp)
+        components["guided_step"] = _write_guided_step(tmp, graph_use)
         engines = _carry_engines(old, out, tmp)
         shutil.copytree(ckpt.root / "tokenizer", tmp / "tokenizer")
         manifest = {
-            "format": "ideogram4-engine/manifest", "format_version": 1,
+            "format": "ideogram4-engine/manifest", "format_version": FORMAT_VERSIONS[-1],
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "exporter": {"version": EXPORTER_VERSION, "opset": OPSET, "ir_version": IR_VERSION,
                          "attention_form": opts.attention_form,
                          "weights": _weights_summary({c["weights"] for c in components.values()}),
+                         "precision": [p for p in PRECISIONS if p in ("faithful", opts.precision)],
                          "tools": _tools()},
             "source": {"checkpoint": str(ckpt.root), "synthetic": ckpt.synthetic,
                        "files": _source_files(ckpt, hashes)},
-            "graph_variants": GRAPH_USE,
+            "graph_variants": graph_use,
             "model": _model_section(ckpt),
             **_static_sections(ckpt),
             "components": components,
         }
+        manifest["kernels"] = kernels_section()
         if engines:
             manifest["engines"] = engines
         validate_manifest(manifest)
@@ -344,14 +372,14 @@ def _fp8_weight_table(model: onnx.ModelProto) -> list[dict]:
     return [{"input": q, "axis": axis, "weight": where(q), "scale": where(s)} for q, s, axis in fp8_weights(model)]
 
 
-def _write_guided_step(folder: Path) -> dict:
+def _write_guided_step(folder: Path, graph_use: dict[str, str]) -> dict:
     """The Euler/CFG update graph (fp32, no weights): one file serves every backend."""
     from .graphs.step import build_guided_step
     path = folder / "guided_step.onnx"
     build_guided_step().save(path)
     entry = _file_entry(path)
     f32 = lambda n, m, shape=("batch", "image_tokens", 128): _io(n, "float32", list(shape), m)  # noqa: E731
-    return {"graphs": {v: entry for v in GRAPH_USE},
+    return {"graphs": {v: entry for v in graph_use},
             "inputs": [f32("latents", "z"), f32("velocity_cond", "dit_cond output"),
                        f32("velocity_uncond", "dit_uncond output"),
                        f32("guidance", "g = guidance[i]", [1]), f32("one_minus_guidance", "1 - g (formed in float64)", [1]),
@@ -416,7 +444,7 @@ def _reuse(old: dict | None, out: Path, tmp: Path, name: str, key: str) -> dict 
     entry = (old or {}).get("components", {}).get(name)
     if not entry or entry.get("cache_key") != key:
         return None
-    files = [*entry["graphs"].values(), entry["data"]]
+    files = list({f["file"]: f for f in [*entry["graphs"].values(), entry["data"]]}.values())
     if any(not (out / f["file"]).is_file() or (out / f["file"]).stat().st_size != f["bytes"] for f in files):
         return None
     for f in files:

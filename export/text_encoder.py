@@ -244,6 +244,10 @@ def load_text_encoder(te_folder: str | Path, device: str = "cpu", attn_implement
     te_folder = Path(te_folder)
     config = load_text_encoder_config(te_folder)
     files = component_files(te_folder, COMPONENTS["text_encoder"])
-    wanted = [k for k in files.header if not is_ignored_key(k)]
+    # FP8: every key goes to the model (unexpected ones are errors, as in the official load); a bf16 encoder's
+    # unknown keys are skipped, as transformers' from_pretrained skips them (docs/checkpoint.md)
+    fp8 = is_fp8_weight_only(json.loads((te_folder / "config.json").read_text()))
+    names = text_encoder_inventory(config.text_config, fp8=True)     # names only: the same for a bf16 encoder
+    wanted = [k for k in files.header if not is_ignored_key(k) and (fp8 or k in names)]
     return build_text_encoder(config, load_tensors(files, str(device), wanted).items(), device,
                               attn_implementation)

@@ -179,8 +179,8 @@ def decoder_inventory(cfg: VAEConfig) -> dict[str, TensorSpec]:
 def vae_inventory(cfg: VAEConfig) -> dict[str, TensorSpec]:
     """The complete autoencoder file in diffusers names: exactly what the official strict load requires."""
     c = cfg.bn_channels
-    bn = {"bn.running_mean": TensorSpec((c,)), "bn.running_var": TensorSpec((c,)),
-          "bn.num_batches_tracked": TensorSpec((), "int")}
+    bn = {"bn.running_mean": TensorSpec((c,), "buffer"), "bn.running_var": TensorSpec((c,), "buffer"),
+          "bn.num_batches_tracked": TensorSpec((), "buffer", optional=True)}   # PyTorch's BatchNorm fills it in
     return encoder_inventory(cfg) | decoder_inventory(cfg) | bn
 
 

@@ -45,6 +45,10 @@ def cmd_generate(args) -> int:
                 raise ValueError(f"--dequantize-at-load needs --backend onnxruntime-cuda or onnxruntime-cpu "
                                  f"(got --backend {args.backend})")
             options["dequantize_at_load"] = True
+        if args.precision != "faithful":
+            if args.backend != "onnxruntime-cuda":
+                raise ValueError(f"--precision {args.precision} needs --backend onnxruntime-cuda (got --backend {args.backend})")
+            options["precision"] = args.precision
         pipe = Pipeline(args.engines, backend=args.backend, **options)
     except (ValueError, ManifestError, RuntimeError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -66,13 +70,16 @@ def cmd_generate(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = result.sampling
+    precision = getattr(pipe.backend, "precision", "faithful")      # what ran (w8a8 may have fallen back)
     for prompt, image, out in zip(args.prompt, result.images, outputs):
         save_png(image, out, {"prompt": prompt, "seed": str(args.seed), "preset": s.preset or "custom",
                               "steps": str(s.steps), "mu": str(s.mu), "std": str(s.std),
                               "guidance": ",".join(map(str, s.guidance)), "size": f"{args.width}x{args.height}",
                               "model": MODEL_ID + (" SYNTHETIC weights" if synthetic else ""),
-                              "backend": pipe.backend.name, "seed_generator": "numpy PCG64 standard_normal"})
-    report = {"outputs": [str(o) for o in outputs], "backend": pipe.backend.name, "width": args.width,
+                              "backend": pipe.backend.name, "precision": precision,
+                              "seed_generator": "numpy PCG64 standard_normal"})
+    report = {"outputs": [str(o) for o in outputs], "backend": pipe.backend.name, "precision": precision,
+              "width": args.width,
               "height": args.height, "preset": s.preset, "steps": s.steps, "seed": args.seed,
               "text_tokens": [len(t) for t in result.token_ids], "synthetic": bool(synthetic),
               "timings": {"load_s": pipe.load_seconds, **result.timings}}
@@ -99,7 +106,8 @@ def cmd_info(args) -> int:
     lines = [f"engines: {m.root}",
              f"source: {raw['source']['checkpoint']}" + (" (SYNTHETIC weights)" if m.synthetic else ""),
              f"exporter v{raw['exporter']['version']}, opset {raw['exporter']['opset']}, attention "
-             f"{raw['exporter']['attention_form']}, weights {raw['exporter']['weights']}"]
+             f"{raw['exporter']['attention_form']}, weights {raw['exporter']['weights']}, precision "
+             f"{', '.join(m.precisions)}"]
     for name, c in m.components.items():
         size = sum(e["bytes"] for e in {e["file"]: e for e in [*c["graphs"].values(), *([c["data"]] if "data" in c else [])]}.values())
         lines.append(f"  {name:13s} {size / 1e6:10.1f} MB   inputs: {', '.join(i['name'] for i in c['inputs'])}")
@@ -115,6 +123,8 @@ def cmd_info(args) -> int:
         except backends.BackendUnavailable as e:
             avail.append(f"{b}: unavailable ({str(e).splitlines()[0]})")
     lines.append("backends here:\n  " + "\n  ".join(avail))
+    from .backends.tensorrt.memory import memory_report
+    lines += memory_report(m)          # GPU memory per TensorRT memory_mode (an estimate)
     print("\n".join(lines))
     return 0
 
@@ -142,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dequantize-at-load", action="store_true",
                    help="onnxruntime: dequantize the FP8 weights once at load, on the device (H100, 1024²: -4%% step "
                         "time, 58.5 instead of 32.5 GiB; the CPU results are bit for bit the default's)")
+    g.add_argument("--precision", default="faithful", choices=["faithful", "w8a8"],
+                   help="onnxruntime-cuda: w8a8 runs the DiT blocks' linears with FP8 activations on FP8 tensor cores "
+                        "(opt-in: the numbers change; needs an export with --precision w8a8; docs/runtime.md); "
+                        "recorded in the PNG metadata")
     g.add_argument("--json", action="store_true", help="print timings and outputs as one JSON object")
     g.add_argument("--progress", action="store_true", help="show the step progress bar even when not a TTY")
     g.set_defaults(func=cmd_generate)

@@ -22,13 +22,15 @@ import numpy as np
 from .schedule import SamplerPreset
 
 FORMAT = "ideogram4-engine/manifest"
-FORMAT_VERSIONS = (1,)                  # manifest versions this runtime reads
+FORMAT_VERSIONS = (2,)                  # manifest versions this runtime reads (2: bf16-rounded MRoPE inv_freq)
 MANIFEST_FILE = "manifest.json"
 REQUIRED_SECTIONS = ("format", "format_version", "exporter", "source", "model", "tokenizer", "sampler", "rope",
                      "limits", "components")
 REQUIRED_COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
 REQUIRED_VARIANTS = ("bf16", "cuda", "cpu")
 LOAD_DEQUANTIZED = "_dql"               # suffix of the graph variants that take their FP8 weights as bf16 inputs
+FUSED = "_fused"                        # cuda<FUSED>[_dql]: the cuda twins with the project's fused CUDA ops
+PRECISION_VARIANTS = {"faithful": None, "w8a8": "cuda_w8a8"}    # `exporter.precision` -> the graphs it adds
 REQUIRED_LIMITS = ("min_side", "max_side", "multiple", "max_aspect", "max_text_tokens")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 HASH_CHUNK = 8 << 20
@@ -104,6 +106,12 @@ class Manifest:
         return int(self.raw["tokenizer"]["max_text_tokens"])
 
     @property
+    def precisions(self) -> tuple[str, ...]:
+        """The numerics this export holds graphs for: "faithful" always; "w8a8" (opt-in, `--precision w8a8`)
+        adds every component's cuda_w8a8 graph. Manifests written before the option have no entry: faithful."""
+        return tuple(self.raw["exporter"].get("precision", ["faithful"]))
+
+    @property
     def synthetic(self) -> dict | None:
         return self.raw["source"].get("synthetic")
 
@@ -128,6 +136,11 @@ class Manifest:
             raise ManifestError(f"{self.path}: component {component!r} has no {variant!r} graph; "
                                 f"allowed: {', '.join(graphs)}")
         return self.root / graphs[variant]["file"]
+
+    def fused_variant(self, variant: str) -> str | None:
+        """The graph variant standing for `variant` with the fused CUDA ops of the kernel library ("cuda" ->
+        "cuda_fused"), or None when the export has none (exported before them, or not a cuda variant)."""
+        return (self.raw.get("kernels") or {}).get("variants", {}).get(variant)
 
     def data_path(self, component: str) -> Path | None:
         data = self.component(component).get("data")
@@ -217,7 +230,8 @@ def _check(raw: dict, path: Path) -> None:
         c.fail(f"`format` is {fmt!r}, expected {FORMAT!r}: not an ideogram4-engine manifest")
     if version not in FORMAT_VERSIONS:
         c.fail(f"`format_version` is {version!r}; this runtime reads version(s) "
-               f"{', '.join(map(str, FORMAT_VERSIONS))}: re-export with the matching `make export`")
+               f"{', '.join(map(str, FORMAT_VERSIONS))}: the engines folder is from another exporter version, "
+               "re-run `make export`")
     c.need(raw, REQUIRED_SECTIONS, "manifest")
 
     tok = c.obj(raw, "tokenizer", "")
@@ -256,6 +270,9 @@ def _check(raw: dict, path: Path) -> None:
     if not (isinstance(inv, list) and len(inv) == hd // 2 and all(_num(x) for x in inv)):
         c.fail(f"`rope.inv_freq` must be {hd // 2} numbers (head_dim/2), found "
                f"{len(inv) if isinstance(inv, list) else _describe(inv)}")
+    if np.any(np.asarray(inv, np.float32).view(np.uint32) & 0xFFFF):
+        c.fail("`rope.inv_freq` is not bf16-rounded (spec §2.6: the official DiT runs the table rounded to bf16): "
+               "re-run `make export`")
     if not _int(rope["image_position_offset"]):
         c.fail("`rope.image_position_offset` must be an integer")
 
@@ -263,6 +280,11 @@ def _check(raw: dict, path: Path) -> None:
     c.need(limits, REQUIRED_LIMITS, "limits")
     if not all(_num(limits[k]) for k in REQUIRED_LIMITS):
         c.fail(f"`limits` values must be numbers: {', '.join(REQUIRED_LIMITS)}")
+
+    precision = c.obj(raw, "exporter", "").get("precision", ["faithful"])
+    if not (isinstance(precision, list) and "faithful" in precision and set(precision) <= set(PRECISION_VARIANTS)):
+        c.fail(f"`exporter.precision` must list 'faithful' and optionally {', '.join(PRECISION_VARIANTS)}, "
+               f"found {precision!r}")
 
     source = c.obj(raw, "source", "")
     if source.get("synthetic") is not None and not isinstance(source["synthetic"], dict):
@@ -273,16 +295,25 @@ def _check(raw: dict, path: Path) -> None:
     if missing:
         c.fail(f"component(s) {', '.join(missing)} missing from `components` (has: {', '.join(comps) or 'none'}); "
                "re-run `make export`")
+    kern = raw.get("kernels")
+    if kern is not None:
+        if not (isinstance(kern, dict) and isinstance(kern.get("domain"), str) and isinstance(kern.get("variants"), dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in kern["variants"].items())):
+            c.fail("`kernels` must be an object with `domain` (a string) and `variants` (stock -> fused variant names)")
     for name, comp in comps.items():
         if not isinstance(comp, dict):
             c.fail(f"`components.{name}` must be an object, found {_describe(comp)}")
         c.need(comp, ("graphs", "inputs", "outputs"), f"components.{name}")
         graphs = c.obj(comp, "graphs", f"components.{name}.")
-        absent = [v for v in REQUIRED_VARIANTS if v not in graphs]
+        absent = [v for v in (*REQUIRED_VARIANTS, *(PRECISION_VARIANTS[p] for p in precision if PRECISION_VARIANTS[p]))
+                  if v not in graphs]
         if absent:
             c.fail(f"`components.{name}.graphs` lacks the {', '.join(absent)} graph(s)")
         for variant, entry in graphs.items():
             c.file_entry(entry, f"components.{name}.graphs.{variant}")
+        lacking = [v for v in (kern or {}).get("variants", {}).values() if v not in graphs]
+        if lacking:
+            c.fail(f"`components.{name}.graphs` lacks the {', '.join(lacking)} graph(s) that `kernels.variants` names")
         if comp.get("data") is not None:
             c.file_entry(comp["data"], f"components.{name}.data")
         if comp.get("dequantize") is not None:

@@ -23,7 +23,7 @@ def interleaved_axes(slots: int, mrope_section: tuple[int, int, int]) -> np.ndar
 def mrope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray,
                   mrope_section: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """positions (..., 3) int → cos, sin (..., 2·slots) fp32 in the rotate-half layout (angles duplicated).
-    `inv_freq` is the exact fp32 table recorded in the manifest."""
+    `inv_freq` is the manifest's table: bf16-rounded values held as fp32 (spec §2.6), used exactly as given."""
     inv = np.asarray(inv_freq, np.float32)
     axis = interleaved_axes(len(inv), mrope_section)
     pos = np.take(positions, axis, axis=-1).astype(np.float32)          # (..., slots): each slot's axis

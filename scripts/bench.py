@@ -68,7 +68,8 @@ def cmd_prepare(a) -> None:
     write_s = time.perf_counter() - t
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "ideogram4_engine.export", "--checkpoint", str(root / "ckpt"),
-                        "--out", str(root / "engines"), "--no-progress"], capture_output=True, text=True)
+                        "--out", str(root / "engines"), "--no-progress", "--precision", a.precision],
+                       capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(r.stderr)
     record(root, {"kind": "prepare", "config": a.config, "checkpoint_write_s": write_s,
@@ -105,9 +106,7 @@ def cmd_runtime(a) -> None:
     from ideogram4_engine.runtime.pipeline import Pipeline
     root = Path(a.root)
     t0 = time.perf_counter()
-    options = dict(kv.split("=", 1) for kv in a.option)
-    options = {k: {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
-               for k, v in options.items()}
+    options = _options(a.option)
     pipe = Pipeline(root / "engines", backend=a.backend, **options)
     manifest = json.loads((root / "engines" / "manifest.json").read_text())
     cfg = manifest["model"]["dit"]
@@ -128,27 +127,36 @@ def cmd_runtime(a) -> None:
         st = summarise(timer.times)
         mem = _nvidia_smi_used()
         rec = {"kind": "runtime" + "".join(f" {k}={v}" for k, v in options.items()),
-               "backend": pipe.backend.name, "width": w, "height": h, "preset": preset,
+               "backend": pipe.backend.name, "graph_variant": pipe.backend.graph_variant,
+               "width": w, "height": h, "preset": preset,
                "steps": res.sampling.steps, "text_tokens": T, **st,
                "step_ms": 1e3 * float(np.median(res.timings["step_s"])), "image_s": res.timings["total_s"],
                "text_encoder_s": res.timings["text_encoder_s"], "vae_s": res.timings["vae_s"],
                "load_s": pipe.load_seconds, "cold_start_s": cold,
                "flops_cond": dit_flops(cfg, T + N, T), "flops_uncond": dit_flops(cfg, N, 0),
                "gpu_mem_used_mib": (mem or [None])[0], "gpu_mem_used_mib_all": mem,
-               "gpu_mem_after_warmup_mib_all": warm_mem}
+               "gpu_mem_after_warmup_mib_all": warm_mem, "precision": getattr(pipe.backend, "precision", None)}
         np.save(root / f"latents_{rec['kind'].replace(' ', '_')}_{w}x{h}_{preset}.npy", res.latents)
+        np.save(root / f"image_{rec['kind'].replace(' ', '_')}_{w}x{h}_{preset}.npy", np.asarray(res.images[0]))
         record(root, rec)
+
+
+def _options(pairs: list[str]) -> dict:
+    options = dict(kv.split("=", 1) for kv in pairs)
+    return {k: {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v) for k, v in options.items()}
 
 
 def cmd_profile(a) -> None:
     """In a process of its own: onnxruntime keeps every session's memory, so the profiled session must not
     share the GPU with a whole pipeline."""
     from ideogram4_engine.runtime.pipeline import Pipeline
-    pipe = Pipeline(Path(a.root) / "engines", backend=a.backend, components=("text_encoder",))
+    options = _options(a.option)
+    pipe = Pipeline(Path(a.root) / "engines", backend=a.backend, components=("text_encoder",), **options)
     _profile_dit(pipe, Path(a.root), a.size)
     if pipe.backend.device == "cuda":
         del pipe
-        pipe = Pipeline(Path(a.root) / "engines", backend=a.backend, components=("text_encoder", "dit_cond"))
+        pipe = Pipeline(Path(a.root) / "engines", backend=a.backend, components=("text_encoder", "dit_cond"),
+                        **options)
         _profile_kernels(pipe, Path(a.root), a.size)
 
 
@@ -174,6 +182,8 @@ def _profile_dit(pipe, root: Path, size: str) -> None:
     opts = ort.SessionOptions()
     opts.enable_profiling = True
     opts.profile_file_prefix = str(root / "ort_profile")
+    if getattr(pipe.backend, "kernels_library", None):          # the cuda_fused graphs' ops
+        opts.register_custom_ops_library(str(pipe.backend.kernels_library))
     dev = pipe.backend.device
     providers = [("CUDAExecutionProvider", {"device_id": 0})] if dev == "cuda" else ["CPUExecutionProvider"]
     sess = ort.InferenceSession(str(m.graph_path(comp, pipe.backend.graph_variant)), opts, providers=providers)
@@ -189,7 +199,8 @@ def _profile_dit(pipe, root: Path, size: str) -> None:
             by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3 / 2          # ms per forward (2 runs)
     total = sum(by_op.values())
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:15]
-    record(root, {"kind": "profile", "component": comp, "width": w, "height": h, "total_kernel_ms": total,
+    record(root, {"kind": "profile", "component": comp, "graph_variant": pipe.backend.graph_variant,
+                  "width": w, "height": h, "total_kernel_ms": total,
                   "by_op_ms": dict(top)})
 
 
@@ -231,7 +242,8 @@ def _profile_kernels(pipe, root: Path, size: str, runs: int = 3) -> None:
         cls = next((c for c, keys in KERNEL_CLASSES if any(x in low for x in keys)), "other")
         by_class[cls] = by_class.get(cls, 0.0) + ms
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
-    record(root, {"kind": "kernels", "component": "dit_cond", "width": w, "height": h, "wall_ms": 1e3 * wall,
+    record(root, {"kind": "kernels", "component": "dit_cond", "graph_variant": pipe.backend.graph_variant,
+                  "width": w, "height": h, "wall_ms": 1e3 * wall,
                   "gpu_busy_ms": sum(v[0] for v in kernels.values()),
                   "kernels_per_forward": sum(v[1] for v in kernels.values()),
                   "by_class_ms": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
@@ -373,6 +385,7 @@ def main() -> None:
     p = sub.add_parser("prepare")
     p.add_argument("--config", default="tiny")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="faithful", help="export --precision (w8a8: also the cuda_w8a8 graphs)")
     for name in ("runtime", "reference"):
         s = sub.add_parser(name)
         s.add_argument("--cases", default="1024x1024:V4_DEFAULT_20,1024x1024:V4_TURBO_12")
@@ -386,6 +399,7 @@ def main() -> None:
     pr = sub.add_parser("profile")
     pr.add_argument("--backend", default="auto")
     pr.add_argument("--size", default="1024x1024")
+    pr.add_argument("--option", action="append", default=[], help="backend option key=value (as for runtime)")
     sub.add_parser("report")
     for s in sub.choices.values():
         s.add_argument("--root", default="/tmp/ideogram4_bench")

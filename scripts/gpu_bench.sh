@@ -3,11 +3,19 @@
 #   stage   : unpack onnxruntime-gpu staged by ../shared/device/stage-ort-gpu.sh (parts in /root/stage)
 #   prepare : synthetic checkpoint (CONFIG, default full) written on the GPU + export
 #   eager   : torch reference, eager           compiled : torch reference under torch.compile
-#   runtime : lean runtime on onnxruntime CUDA      profile : onnxruntime profiler, one dit_cond forward
+#   runtime : lean runtime on onnxruntime CUDA (the cuda_fused graphs with the kernel library: the default)
+#   runtime-stock: the same with the stock cuda graphs (fused_kernels=false); runtime-dqload[-stock] likewise
+#   profile : onnxruntime profiler + CUPTI kernels, one dit_cond forward (profile-stock: the stock graphs)
+#   kernels : scripts/gpu_kernel_check.py: each fused op vs the unfused subgraph on CUDA, then tiny and full-width
+#             end to end (fused vs stock latents); needs build/kernels/libideogram4_kernels.so (carry it)
 #   runtime-<variant>: the runtime with backend options (see the case list; docs/tuning.md says why each);
 #   probe   : scripts/gpu_op_probe.py (fused-op support, speed and bit-identity at the model's shapes); PROBE_ONLY=<text> runs only matching cases
 #   memory  : scripts/runtime_memory.py (memory after load and after a generation, per weight mode and arena)
 #   dqmemory: scripts/dequant_memory.py (dequantize_at_load's weights alone, per way of binding the e4m3 bytes)
+#   w8a8    : scripts/gpu_w8a8_check.py kernels (~2 min): the W8A8 op library's kernels against fp64 references
+#             with stated bounds, and their speed against onnxruntime's and torch's GEMMs (needs the carried
+#             build/kernels/libideogram4_w8a8.so); PRECISION=w8a8 makes `prepare` export the cuda_w8a8 graphs,
+#             runtime-w8a8 runs them, w8a8-deviation compares its latents and images with `runtime`'s
 #   check   : scripts/gpu_dequant_check.py on the tiny model (seconds): the cuda twin's FP8 MatMuls, no Memcpy,
 #             no weight Transpose left after onnxruntime's optimizations; latents vs dequantize_at_load
 # Every stage copies results.jsonl and report.md to $OUT.
@@ -22,14 +30,21 @@ B="python3 scripts/bench.py"
 rc=0
 for stage in "$@"; do
   case $stage in
-    prepare)  $B prepare --config "$CONFIG" --device cuda --root "$ROOT" || rc=$? ;;
+    prepare)  $B prepare --config "$CONFIG" --device cuda --root "$ROOT" --precision "${PRECISION:-faithful}" || rc=$? ;;
     eager)    $B reference --root "$ROOT" --device cuda --cases "$CASES" || rc=$? ;;
     compiled) $B reference --root "$ROOT" --device cuda --compile --cases "$CASES" || rc=$? ;;
     runtime)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" || rc=$? ;;
+    runtime-stock)   $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option fused_kernels=false || rc=$? ;;
+    runtime-dqload-stock) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true --option fused_kernels=false || rc=$? ;;
+    kernels)  python3 scripts/gpu_kernel_check.py --out "${OUT:-/tmp}" ${KERNEL_CHECK_ARGS:-} || rc=$? ;;
+    profile-stock) $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 --option fused_kernels=false || rc=$? ;;
     runtime-dqload)  $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true || rc=$? ;;
     runtime-cfg)     $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option uncond_device_id=1 || rc=$? ;;
     runtime-pow2)    $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option arena_extend_strategy=kNextPowerOfTwo || rc=$? ;;
     runtime-own-arena) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option shared_arena=false || rc=$? ;;
+    runtime-w8a8)    $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option precision=w8a8 || rc=$? ;;
+    w8a8)     python3 scripts/gpu_w8a8_check.py kernels --out "${OUT:-/tmp}" || rc=$? ;;
+    w8a8-deviation) python3 scripts/gpu_w8a8_check.py deviation --root "$ROOT" --out "${OUT:-/tmp}" || rc=$? ;;
     check)    python3 scripts/gpu_dequant_check.py | tee "${OUT:-/tmp}/dequant_check.json" || rc=$? ;;
     dqmemory) python3 scripts/dequant_memory.py --engines "$ROOT/engines" | tee "${OUT:-/tmp}/dequant_memory.jsonl" || rc=$? ;;
     memory)   python3 scripts/runtime_memory.py --engines "$ROOT/engines" | tee "${OUT:-/tmp}/memory.jsonl" || rc=$? ;;

@@ -40,7 +40,9 @@ def main() -> None:
     from ideogram4_engine.runtime.packing import token_grid
     gh, gw = token_grid(args.size, args.size)
     noise = np.random.default_rng(0).standard_normal((1, gh * gw, 128), dtype=np.float32)
-    report = {"config": args.config, "size": args.size, "preset": args.preset}
+    manifest = json.loads((eng / "manifest.json").read_text())
+    report = {"config": args.config, "size": args.size, "preset": args.preset,
+              "exporter_version": manifest["exporter"]["version"], "manifest_format": manifest["format_version"]}
 
     # the torch reference first (then freed): onnxruntime's CUDA arena does not give memory back
     import torch

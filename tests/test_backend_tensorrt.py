@@ -119,10 +119,16 @@ def test_architecture_refusals(engines):
     with pytest.raises(T.EngineMismatch) as e:
         T.check_architecture(dit, "dit_cond", (9, 0), "GPU 0 (NVIDIA H100 80GB HBM3, compute capability 9.0)")
     assert "Hopper" in str(e.value) and "onnxruntime-cuda" in str(e.value) and "8.9, 12.0" in str(e.value)
-    with pytest.raises(T.EngineMismatch) as e:
-        T.check_architecture(dit, "dit_cond", (8, 6))
-    assert "targets compute capability 8.9, 12.0" in str(e.value) and "--compute-capabilities=8.6" in str(e.value)
+    assert T.has_fp8(engines, "dit_cond", dit) and not T.has_fp8(engines, "vae_decoder", vae)
+    with pytest.raises(T.EngineMismatch) as e:                            # an RTX 3090: no FP8 build can run there
+        T.check_architecture(dit, "dit_cond", (8, 6), fp8=True)
+    assert "FP8 weights, which need compute capability 8.9 or later" in str(e.value)
+    assert "onnxruntime-cuda" in str(e.value) and "--compute-capabilities" not in str(e.value)
     T.check_architecture(vae, "vae_decoder", (8, 6))                       # no FP8 in the VAE: 8.6 kept
+    bf16 = copy.deepcopy(vae)                                             # explicit targets without 8.6: rebuild
+    bf16["targets"] = {"compute_capabilities": ["8.9"], "forward_compatible": False}
+    with pytest.raises(T.EngineMismatch, match="--compute-capabilities=8.6"):
+        T.check_architecture(bf16, "vae_decoder", (8, 6))
     explicit = copy.deepcopy(dit)
     explicit["targets"]["forward_compatible"] = False
     with pytest.raises(T.EngineMismatch):

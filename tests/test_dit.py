@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ideogram4_engine.export.checkpoint import open_checkpoint
 from ideogram4_engine.export.dit import (DiTConfig, dit_inventory, load_dit, mrope_angles, mrope_cos_sin,
-                                         quantized_linears, segment_mask, timestep_sinusoid)
+                                         quantized_linears, rope_inv_freq, segment_mask, timestep_sinusoid)
 from ideogram4_engine.runtime.packing import pack
 
 REAL = DiTConfig()
@@ -148,18 +148,51 @@ def test_tau_is_rounded_to_bf16_inside_the_dit(dits):
 # ---------------------------------------------------------------------------------------------- MRoPE
 
 
+def bf16_round(x) -> np.ndarray:
+    """float32 → nearest bf16 (ties to even), by bit arithmetic (independent of torch), held as float32."""
+    b = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.astype(np.uint32).view(np.float32)
+
+
+def official_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """§2.6 computed here: the formula in float64, rounded to float32, then to bf16 (the official model.to(bf16))."""
+    i = np.arange(head_dim // 2, dtype=np.float64)
+    return bf16_round((1.0 / theta ** (2 * i / head_dim)).astype(np.float32))
+
+
+def test_bf16_rounding_helper():
+    x = np.array([1.0, 1 + 2 ** -8, 1 + 2 ** -8 + 2 ** -20, 1 + 3 * 2 ** -8, 1 + 2 ** -9, -2.5e-7], np.float32)
+    assert bf16_round(x).tolist() == torch.from_numpy(x).to(BF16).float().tolist()
+    assert bf16_round(x)[1] == 1.0 and bf16_round(x)[2] == 1 + 2 ** -7     # tie to even; above a tie: up
+
+
+@pytest.mark.parametrize("head_dim,theta", [(REAL.head_dim, REAL.rope_theta), (64, 10_000.0)])
+def test_rope_table_is_the_fp32_formula_rounded_to_bf16(head_dim, theta):
+    """The rotary table is bf16(fp32 formula) promoted to fp32, as the official DiT runs it after its loader's
+    model.to(bf16) (§2.6, corrected): pinned against an independent computation, and not the plain fp32 table."""
+    table = rope_inv_freq(head_dim, theta)
+    assert table.dtype == torch.float32 and table.shape == (head_dim // 2,)
+    np.testing.assert_array_equal(table.numpy(), official_inv_freq(head_dim, theta))
+    assert not (table.numpy().view(np.uint32) & 0xFFFF).any()                  # bf16-representable
+    exact = 1.0 / theta ** (2 * np.arange(head_dim // 2) / head_dim)
+    rel = np.abs(table.numpy() / exact - 1)
+    assert 1e-3 < rel.max() <= 2 ** -8         # rounded, by at most half a bf16 ulp (spec: max 3.7e-3)
+
+
 def test_mrope_slot_assignment_real_config():
-    """Interleaved slots (§2.6): i%3==1 and i<60 → h, i%3==2 and i<60 → w, everything else → t."""
+    """Interleaved slots (§2.6): i%3==1 and i<60 → h, i%3==2 and i<60 → w, everything else → t; each angle is one
+    fp32 product of the position and the bf16-rounded table."""
     hd = REAL.head_dim
     pos = torch.tensor([[3, 5, 7], [65536, 65536 + 9, 65536 + 13]], dtype=torch.int64)
-    got = mrope_angles(pos, hd, REAL.rope_theta, REAL.mrope_section).double()
+    got = mrope_angles(pos, hd, REAL.rope_theta, REAL.mrope_section)
     i = np.arange(hd // 2)
-    inv = 1.0 / REAL.rope_theta ** (2 * i / hd)
+    inv = official_inv_freq(hd, REAL.rope_theta)
     axis = np.where((i % 3 == 1) & (i < 60), 1, np.where((i % 3 == 2) & (i < 60), 2, 0))
     assert (axis == 1).sum() == 20 and (axis == 2).sum() == 20 and (axis == 0).sum() == 88
     for r in range(2):
-        want = pos[r].double().numpy()[axis] * inv
-        np.testing.assert_allclose(got[r].numpy(), want, rtol=1e-6)
+        want = pos[r].numpy()[axis].astype(np.float32) * inv
+        np.testing.assert_array_equal(got[r].numpy(), want)
     cos, sin = mrope_cos_sin(pos, hd, REAL.rope_theta, REAL.mrope_section)
     assert cos.shape == (2, hd) and cos.dtype == torch.float32
     assert torch.equal(cos[:, : hd // 2], cos[:, hd // 2:]) and torch.equal(sin[:, : hd // 2], sin[:, hd // 2:])
@@ -332,8 +365,20 @@ def ref_final(fl, h, a, *, second_silu=True):
     return _lin(fl.linear, ln * (1 + scale))
 
 
-def ref_forward(model, feats, lat, tau, pos, seg, ind):
-    """§2.4 in fp32 from the sub-steps above (τ rounded to bf16 first, sinusoid in float64)."""
+def ref_cos_sin(pos, cfg: DiTConfig, inv_freq: np.ndarray):
+    """§2.6 written here: slot axes, angle = fp32(pos[axis]) · inv_freq[i] (one fp32 product), cos/sin in
+    float64 of the duplicated angles."""
+    i = np.arange(cfg.head_dim // 2)
+    sec = cfg.mrope_section
+    axis = np.where((i % 3 == 1) & (i < 3 * sec[1]), 1, np.where((i % 3 == 2) & (i < 3 * sec[2]), 2, 0))
+    ang = np.take(pos.numpy(), axis, axis=-1).astype(np.float32) * np.asarray(inv_freq, np.float32)
+    phi = np.concatenate([ang, ang], axis=-1).astype(np.float64)
+    return torch.from_numpy(np.cos(phi)).float(), torch.from_numpy(np.sin(phi)).float()
+
+
+def ref_forward(model, feats, lat, tau, pos, seg, ind, inv_freq: np.ndarray | None = None):
+    """§2.4 in fp32 from the sub-steps above (τ rounded to bf16 first, sinusoid in float64, MRoPE from
+    `inv_freq`, by default the official bf16-rounded table computed here)."""
     cfg = model.cfg
     t = tau.to(BF16).double().numpy()
     e = torch.from_numpy(np.stack([_sinusoid_f64(float(v), cfg.emb_dim) for v in t])).float()
@@ -346,7 +391,9 @@ def ref_forward(model, feats, lat, tau, pos, seg, ind):
     h = _lin(model.input_proj, lat * m_img) * m_img
     h = h + _lin(model.llm_cond_proj, _rms(f, model.llm_cond_norm.weight, 1e-6)) * m_txt
     h = h + model.embed_image_indicator.weight.float()[m_img[..., 0].long()]
-    cos, sin = mrope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+    if inv_freq is None:
+        inv_freq = official_inv_freq(cfg.head_dim, cfg.rope_theta)
+    cos, sin = ref_cos_sin(pos, cfg, inv_freq)
     mask = (seg[:, :, None] == seg[:, None, :])[:, None]
     for blk in model.layers:
         h = ref_block(blk, h, a, cos, sin, mask)
@@ -402,3 +449,22 @@ def test_forward_matches_independent_fp32_math(dit):
         e = rel_err(got[b], ref[b])
         print(f"whole forward, sample {b}: rel err {e:.3g}")
         assert e <= 3e-2
+
+
+def test_forward_at_image_positions_uses_the_bf16_rope_table(dit):
+    """Image tokens sit at positions ≥ 65536, where the bf16 rounding of the rotary table moves the angles by
+    up to ~250 rad: the DiT must match the independent forward with the official bf16 table, and measurably
+    not the one with the plain fp32 table (§2.6)."""
+    cfg = dit.cfg
+    feats, lat, pos, seg, ind, T = packed_inputs(cfg, [11], 96, 128, seed=91)
+    assert int(pos[0, T:].min()) >= 65536
+    tau = torch.tensor([0.41], dtype=torch.float32)
+    got = dit(feats, lat, tau, pos, seg, ind)[:, T:]
+    i = np.arange(cfg.head_dim // 2, dtype=np.float64)
+    fp32_table = (1.0 / cfg.rope_theta ** (2 * i / cfg.head_dim)).astype(np.float32)
+    e_bf16 = rel_err(got, ref_forward(dit, feats, lat, tau, pos, seg, ind)[:, T:])
+    e_fp32 = rel_err(got, ref_forward(dit, feats, lat, tau, pos, seg, ind, inv_freq=fp32_table)[:, T:])
+    print(f"forward at image positions >= 65536: rel err vs bf16-table reference {e_bf16:.3g}, "
+          f"vs fp32-table reference {e_fp32:.3g}")
+    assert e_bf16 <= 3e-2
+    assert e_fp32 > 3 * e_bf16

@@ -5,6 +5,8 @@ import hashlib
 import importlib
 import json
 import shutil
+import types
+from dataclasses import replace
 
 import pytest
 
@@ -104,7 +106,7 @@ def test_no_builder_installed_names_both(monkeypatch):
             raise ImportError(f"No module named '{name}'")
         return real(name, *a, **k)
 
-    monkeypatch.setattr(E.importlib, "import_module", fake)
+    monkeypatch.setattr(importlib, "import_module", fake)
     with pytest.raises(E.EngineBuildError) as e:
         E.load_toolkit()
     msg = str(e.value)
@@ -198,7 +200,7 @@ def test_layer_reports_show_fp8_kept_and_fused_attention(built):
     dit = checks["dit_cond"]
     assert dit["attention"]["blocks"] == 2 and dit["attention"]["fused"] == 2           # tiny: 2 DiT layers
     assert all("mha" in b["kernel"] for b in dit["attention"]["per_block"])
-    assert checks["text_encoder"]["attention"]["blocks"] == 4
+    assert checks["text_encoder"]["attention"]["blocks"] == 36                          # tiny: the official 36 text layers
     f = dit["fp8_weights"]
     assert f["engine_fp8_constant_bytes_per_profile"] == [f["fp8_initializer_bytes"]] * 2
     assert f["weights_ratio"] <= 1.1
@@ -271,3 +273,152 @@ def test_timing_cache_is_ignored_by_rtx_with_a_note(built, tmp_path):
                                                             components=("guided_step",), force=True,
                                                             timing_cache=tmp_path / "tc"), say=said.append)
     assert any("--timing-cache ignored" in s for s in said) and not (tmp_path / "tc").exists()
+
+
+# ---------------------------------------------------------------------------------------------- full TensorRT's reports
+# Built here only by TensorRT-RTX; the inspector JSON below follows full TensorRT's documented fields (10.x:
+# "Format/Datatype"; 11.x: "Datatype" + "Format", Polygraphy 0.53.6's reader) — hand-written samples, not dumps.
+
+def _report(layers, init=1000, fp8=800, weights=1000, blocks=("Attention_7",)):
+    return {"graph": {"initializer_bytes": init, "fp8_initializer_bytes": fp8,
+                      "attention_blocks": [{"form": "op", "anchor": b, "core": [b]} for b in blocks]},
+            "summary": {"engine_bytes": 2000, "weights_memory_bytes": weights}, "layers": layers}
+
+
+def _layer(name, meta=("Attention_7",), tactic="", ltype="kgen", **extra):
+    return {"name": name, "type": ltype, "tactic": tactic, "inputs": [], "outputs": [], "constants": [],
+            "metadata": list(meta), **extra}
+
+
+def test_inspector_json_of_tensorrt_10_and_11_gives_the_builder_log_dtypes():
+    def info(tensor):
+        return json.dumps({"Layers": [{"Name": "gemm", "LayerType": "gemm", "TacticName": "sm90_xmma",
+                                       "Inputs": [{"Name": "a", "Dimensions": [1, 8], **tensor}], "Outputs": [],
+                                       "Metadata": "[ONNX Layer: /mlp/MatMul]"}]})
+    assert E.inspector_layers(info({"Format/Datatype": "Row major linear BF16 format"}))[0]["inputs"][0]["dtype"] \
+        == "BFloat16"
+    la = E.inspector_layers(info({"Datatype": "FP8", "Format": "Row major linear FP8 format (kLINEAR)"}))[0]
+    assert la["inputs"][0]["dtype"] == "FP8" and la["metadata"] == ["/mlp/MatMul"]
+    assert [E.normalize_dtype(s) for s in ("Half", "Row major linear FP32 format", "Int64", "UInt8", "Bool")] == \
+        ["Half", "Float", "Int64", "UInt8", "Bool"]
+
+
+def test_profiles_are_read_from_tags_and_both_naming_conventions():
+    assert [E.layer_profile(la) for la in (
+        _layer("__myl_Mul_myl1_4"), _layer("/blocks.0/MatMul [profile 2]"), _layer("x", profile=3), _layer("x"))] \
+        == [1, 2, 3, 0]
+
+
+def test_a_layer_named_after_the_attention_node_is_not_a_fused_kernel():
+    report = _report([_layer("Attention_7"), _layer("/attn/Attention_7_softmax")], fp8=0)
+    att = E.run_checks(report)["attention"]
+    assert att["status"] == "fail", att
+    report["layers"].append(_layer("fused", tactic="sm89_fmha_v2_bf16_64"))
+    assert E.run_checks(report)["attention"]["status"] == "pass"
+
+
+def test_attention_inside_an_opaque_region_or_in_too_few_profiles_is_unverified():
+    opaque = _report([_layer("{ForeignNode[/attn/Attention_7.../mlp/MatMul]}", ltype="Myelin")], fp8=0)
+    att = E.run_checks(opaque)["attention"]
+    assert att["status"] == "unverified" and "ForeignNode" in att["detail"]
+    one = _report([_layer("_gemm_mha_v2", profile=0)], fp8=0)
+    assert E.run_checks(one)["attention"]["status"] == "pass"               # profile count unknown: as before
+    att = E.run_checks(one, 2)["attention"]                                 # the engine has 2 profiles
+    assert att["status"] == "unverified" and "the engine has 2" in att["detail"]
+    both = _report([_layer("_gemm_mha_v2", profile=0), _layer("_gemm_mha_v2", profile=1)], fp8=0)
+    assert E.run_checks(both, 2)["attention"]["status"] == "pass"
+
+
+def test_fp8_check_without_a_constants_list_decides_on_the_weight_total():
+    fp8 = E.run_checks(_report([_layer("{ForeignNode[...]}", ltype="Myelin")], weights=1004))["fp8_weights"]
+    assert fp8["status"] == "pass" and "lists no constants" in fp8["detail"]
+    expanded = E.run_checks(_report([_layer("{ForeignNode[...]}", ltype="Myelin")], weights=1800))["fp8_weights"]
+    assert expanded["status"] == "fail"                                     # FP8 expanded to bf16: 1.8x
+
+
+# ---------------------------------------------------------------------------------------------- builder version, parser
+
+def _fake_module(version, unsupported=()):
+    class Parser:
+        def __init__(self, network, logger):
+            pass
+
+        def supports_operator(self, op):
+            return op not in unsupported
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return object()
+    return types.SimpleNamespace(__version__=version, Builder=Builder, OnnxParser=Parser,
+                                 Logger=types.SimpleNamespace(ERROR=1, __call__=None),
+                                 NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=0))
+
+
+def test_full_tensorrt_older_than_10_15_is_refused_up_front():
+    with pytest.raises(E.EngineBuildError) as e:
+        E.Toolkit("tensorrt", _fake_module("10.13.3.9")).check_version()
+    assert "10.13.3.9 is too old" in str(e.value) and "RMSNormalization" in str(e.value) \
+        and "tensorrt>=10.15" in str(e.value)
+    for v in ("10.15.1.29", "11.0.0.1"):
+        E.Toolkit("tensorrt", _fake_module(v)).check_version()
+    E.Toolkit("tensorrt-rtx", _fake_module("1.7.1.116")).check_version()    # RTX: the operator check decides
+
+
+def test_operators_the_parser_lacks_are_named_before_parsing(monkeypatch):
+    mod = _fake_module("10.14.0", unsupported=("RMSNormalization",))
+    mod.Logger = lambda level: None
+    mod.Logger.ERROR = 1
+    with pytest.raises(E.EngineBuildError) as e:
+        E.Toolkit("tensorrt", mod).check_operators({"dit_cond": {"MatMul", "RMSNormalization", "Attention"}})
+    assert "dit_cond" in str(e.value) and "does not support RMSNormalization" in str(e.value)
+    assert "Attention" not in str(e.value).split("support ")[1].split(" (")[0]
+    assert "10.15" in str(e.value)
+
+
+def test_timing_cache_is_per_gpu_and_a_mismatched_one_is_replaced(monkeypatch, tmp_path):
+    from ideogram4_engine.export.engines import toolkit as TK
+    monkeypatch.setattr(TK, "cuda_devices", lambda: ([{"cc": "9.0", "name": "NVIDIA H100 80GB HBM3"}], ""))
+    monkeypatch.setattr(TK.Path, "home", lambda: tmp_path)
+    path = TK.default_timing_cache("10.15.1.29")
+    assert path.name == "tensorrt-10.15.1.29-NVIDIA-H100-80GB-HBM3-sm90.timing-cache"
+
+    class Config:
+        def __init__(self):
+            self.attached = []
+
+        def create_timing_cache(self, blob):
+            return {"blob": bytes(blob)}
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.attached.append(cache["blob"])
+            return cache["blob"] != b"from another GPU"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"from another GPU")
+    said, cfg = [], Config()
+    assert E.Toolkit("tensorrt", _fake_module("10.15.1.29")).attach_timing_cache(cfg, None, said.append) == path
+    assert cfg.attached == [b"from another GPU", b""] and "fresh one" in said[0]
+
+    class Cache:
+        def serialize(self):
+            return b"tuned"
+    cfg.get_timing_cache = lambda: Cache()
+    E.Toolkit("tensorrt", _fake_module("10.15.1.29")).save_timing_cache(cfg, tmp_path / "f" / "x", said.append)
+    assert (tmp_path / "f" / "x").read_bytes() == b"tuned"
+    (tmp_path / "ro").write_text("a file where a folder should be")
+    E.Toolkit("tensorrt", _fake_module("10.15.1.29")).save_timing_cache(cfg, tmp_path / "ro" / "x", said.append)
+    assert "timing cache not saved" in said[-1]                  # reported, not fatal
+
+
+@needs_rtx
+def test_weight_streaming_builds_are_recorded(built, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(built[0], folder)
+    opts = E.BuildOptions(buckets=OPTS.buckets, max_text_tokens=64, opt_text_tokens=32, components=("dit_cond",))
+    said = []
+    section = E.build_engines(folder, "tensorrt-rtx", replace(opts, weight_streaming=True), say=said.append)
+    assert section["components"]["dit_cond"]["weight_streaming"] is True and not any("reused" in s for s in said)
+    section = E.build_engines(folder, "tensorrt-rtx", opts, say=said.append)      # the flag is part of the key
+    assert "weight_streaming" not in section["components"]["dit_cond"]

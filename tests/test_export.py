@@ -149,10 +149,10 @@ def test_sampler_over_exported_graphs_matches_reference(exported, tiny_pipeline)
     print(f"\ntext features rel err {e_text:.2e}, latents after 3 steps rel err {e_lat:.2e}, "
           f"pixels within ±2: {within:.4f}")
     assert image.shape == (1, height, width, 3) and image.dtype == np.uint8
-    # text features: the tiny encoder amplifies bf16 rounding so much that the torch reference itself moves by
-    # ~1e-2 between its own sdpa and eager attention kernels (tests/test_graph_text_encoder.py measures it);
-    # the graph is held to that spread here and to 1e-2 against same-attention references there.
-    assert e_text <= 1.5e-2
+    # text features: the tiny encoder (36 layers) amplifies bf16 rounding so much that the torch reference itself
+    # moves by ~2e-2 between its own sdpa and eager attention kernels (tests/test_graph_text_encoder.py measures
+    # it); the graph is held to 3e-2 against the sdpa reference here and there, 2e-2 against same-attention ones.
+    assert e_text <= 3e-2
     assert e_lat <= 1e-2 and within >= 0.99
 
 

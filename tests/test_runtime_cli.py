@@ -36,7 +36,7 @@ def test_generate_json_and_identical_bytes(engines, tmp_path):
         assert r.returncode == 0, r.stderr
         report = json.loads(r.stdout)
         assert report["outputs"] == [str(out)] and report["backend"] == "onnxruntime-cpu"
-        assert report["synthetic"] is True and report["steps"] == 2
+        assert report["synthetic"] is True and report["steps"] == 2 and report["precision"] == "faithful"
         assert {"load_s", "text_encoder_s", "denoise_s", "vae_s", "total_s"} <= set(report["timings"])
         digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
     assert len(set(digests)) == 1                                   # same seed and backend: same bytes
@@ -45,6 +45,7 @@ def test_generate_json_and_identical_bytes(engines, tmp_path):
     assert img.text["prompt"] == "a red fox in the snow" and img.text["seed"] == "9"
     assert img.text["backend"] == "onnxruntime-cpu" and "SYNTHETIC" in img.text["model"]
     assert img.text["guidance"] == "3.0,7.0" and img.text["size"] == "384x256"
+    assert img.text["precision"] == "faithful"
 
 
 def test_batch_of_prompts_writes_one_file_each(engines, tmp_path):
@@ -67,11 +68,13 @@ def test_info(engines):
     ("missing", "does not exist"),
     ("no_manifest", "manifest.json is missing"),
     ("garbage", "not valid JSON"),
+    ("old_export", "`format_version` is 1; this runtime reads version(s) 2"),
     ("unwritable", "not a writable directory"),
     ("size", "height=250 must be a multiple of 16"),
     ("preset", "unknown sampler preset 'NOPE'"),
     ("cfg_parallel_on_cpu", "--uncond-device needs --backend onnxruntime-cuda"),
     ("dequantize_on_tensorrt", "--dequantize-at-load needs --backend onnxruntime-cuda or onnxruntime-cpu"),
+    ("w8a8_on_cpu", "--precision w8a8 needs --backend onnxruntime-cuda"),
 ])
 def test_refusals_write_nothing(engines, tmp_path, case, msg):
     import shutil
@@ -79,13 +82,17 @@ def test_refusals_write_nothing(engines, tmp_path, case, msg):
     (tmp_path / "out").mkdir()
     if case == "missing":
         eng = tmp_path / "nowhere"
-    elif case in ("no_manifest", "garbage"):
+    elif case in ("no_manifest", "garbage", "old_export"):
         eng = tmp_path / "eng"
         shutil.copytree(engines, eng)
         if case == "no_manifest":
             (eng / "manifest.json").unlink()
-        else:
+        elif case == "garbage":
             (eng / "manifest.json").write_text("{not json")
+        else:       # an export from before the bf16 rotary table (manifest format 1): refused, never used
+            raw = json.loads((eng / "manifest.json").read_text())
+            raw["format_version"] = 1
+            (eng / "manifest.json").write_text(json.dumps(raw))
     elif case == "unwritable":
         out = tmp_path / "no" / "such" / "o.png"
     elif case == "size":
@@ -94,11 +101,15 @@ def test_refusals_write_nothing(engines, tmp_path, case, msg):
         extra = ["--sampler-preset", "NOPE"]
     elif case == "cfg_parallel_on_cpu":
         extra = ["--uncond-device", "1"]
+    elif case == "w8a8_on_cpu":
+        extra = ["--precision", "w8a8"]
     backend = "onnxruntime-cpu"
     if case == "dequantize_on_tensorrt":
         backend, extra = "tensorrt-rtx", ["--dequantize-at-load"]
     r = run("generate", "--engines", eng, "--prompt", "a fox", "--output", out, "--backend", backend, *extra)
     assert r.returncode == 2 and msg in r.stderr, r.stderr
+    if case == "old_export":
+        assert "re-run `make export`" in r.stderr, r.stderr
     assert list((tmp_path / "out").iterdir()) == []
 
 

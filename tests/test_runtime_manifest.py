@@ -52,6 +52,7 @@ def test_accessors(engines):
     dit = raw["model"]["dit"]
     expected = rope_inv_freq(dit["head_dim"], dit["rope_theta"]).numpy()
     assert m.inv_freq.dtype == np.float32 and np.array_equal(m.inv_freq, expected)
+    assert not (m.inv_freq.view(np.uint32) & 0xFFFF).any()          # the bf16-rounded table (test_dit pins it)
     assert m.head_dim == dit["head_dim"] == 2 * len(m.inv_freq)
     assert m.mrope_section == tuple(dit["mrope_section"]) and isinstance(m.mrope_section, tuple)
     assert m.image_position_offset == 65536
@@ -61,7 +62,7 @@ def test_accessors(engines):
     assert m.synthetic is not None and m.synthetic["config"] == "tiny"
     assert set(COMPONENTS) <= set(m.components)
     for name in COMPONENTS:
-        assert m.variants(name) == ("bf16", "cuda", "cpu", "cuda_dql", "cpu_dql")
+        assert m.variants(name) == ("bf16", "cuda", "cpu", "cuda_dql", "cpu_dql", "cuda_fused", "cuda_fused_dql")
         for variant in m.variants(name):
             assert m.graph_path(name, variant).is_file()
         assert m.graph_path(name, "bf16") == engines.absolute() / f"{name}.onnx"
@@ -115,10 +116,13 @@ def test_garbage_json(copy):
 
 
 def test_wrong_format_or_version(copy):
-    _edit(copy, lambda r: r.update(format_version=2))
-    with pytest.raises(ManifestError, match=r"manifest\.json: `format_version` is 2; this runtime reads version\(s\) 1"):
-        load_manifest(copy)
-    _edit(copy, lambda r: r.update(format_version=1, format="something-else"))
+    """Format 1 (exports before the bf16 rotary table) and unknown versions are refused, never used."""
+    for version in (1, 3):
+        _edit(copy, lambda r: r.update(format_version=version))
+        with pytest.raises(ManifestError, match=rf"manifest\.json: `format_version` is {version}; this runtime reads "
+                                                r"version\(s\) 2: .*re-run `make export`"):
+            load_manifest(copy)
+    _edit(copy, lambda r: r.update(format_version=2, format="something-else"))
     with pytest.raises(ManifestError, match="`format` is 'something-else', expected 'ideogram4-engine/manifest'"):
         load_manifest(copy)
 
@@ -132,6 +136,8 @@ def test_wrong_format_or_version(copy):
     (lambda r: r["components"]["dit_cond"]["data"].update(sha256="xyz"), r"`components.dit_cond.data.sha256` must be"),
     (lambda r: r["components"]["dit_cond"]["data"].update(file="../escape.bin"), r"relative path inside the folder"),
     (lambda r: r["rope"].update(inv_freq=[1.0, 0.5]), r"`rope.inv_freq` must be 128 numbers"),
+    (lambda r: r["rope"].update(inv_freq=[1.0 / 5e6 ** (i / 128) for i in range(128)]),
+     r"`rope.inv_freq` is not bf16-rounded .* re-run `make export`"),
     (lambda r: r["rope"].update(mrope_section=[24, 20]), r"`rope.mrope_section` must be 3"),
     (lambda r: r["sampler"].update(default_preset="FAST"), r"`sampler.default_preset` 'FAST' is not one of"),
     (lambda r: r["sampler"]["presets"]["V4_TURBO_12"].update(steps=11), r"has 12 entries, expected one per step \(11\)"),
@@ -209,9 +215,10 @@ def test_verify_cache(copy, monkeypatch):
     monkeypatch.setattr(manifest_mod, "_sha256", lambda p, *a: calls.append(Path(p).name) or real(p, *a))
     assert verify(m, ["text_encoder"]) == ["text_encoder.onnx", "text_encoder.cuda.onnx", "text_encoder.cpu.onnx",
                                            "text_encoder.cuda_dql.onnx", "text_encoder.cpu_dql.onnx",
+                                           "text_encoder.cuda_fused.onnx", "text_encoder.cuda_fused_dql.onnx",
                                            "text_encoder.onnx.data", "dequantize.onnx"]
     first = len(calls)
-    assert first == 7
+    assert first == 9
     assert verify(m, ["text_encoder"]) == [] and len(calls) == first          # nothing re-read
     assert verify(load_manifest(copy), ["text_encoder.onnx"]) == []           # a fresh Manifest shares it
     # a changed file is read again even if its mtime is put back (size/mtime/ctime/inode make the key)

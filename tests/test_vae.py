@@ -45,7 +45,8 @@ def test_real_inventory_parameter_counts():
     assert _params(inv, ("decoder.", "post_quant_conv.")) == 49_620_259
     assert _params(inv, ("encoder.", "quant_conv.")) == 34_425_856
     assert inv["bn.running_mean"].shape == inv["bn.running_var"].shape == (128,)
-    assert inv["bn.num_batches_tracked"].kind == "int"
+    assert {inv[f"bn.{b}"].kind for b in ("running_mean", "running_var", "num_batches_tracked")} == {"buffer"}
+    assert inv["bn.num_batches_tracked"].optional and not inv["bn.running_var"].optional   # docs/checkpoint.md
     assert inv["decoder.mid_block.attentions.0.to_q.weight"].shape == (512, 512)
     assert {s.kind for k, s in inv.items() if ".attentions.0.to_" in k and k.endswith("weight")} == {"linear"}
 
@@ -56,7 +57,7 @@ def test_tiny_tensors_match_inventory(tiny_folder):
     assert list(sd) == list(inv)
     for k, spec in inv.items():
         assert tuple(sd[k].shape) == spec.shape, k
-        assert sd[k].dtype == (torch.int64 if spec.kind == "int" else torch.bfloat16), k
+        assert sd[k].dtype == (torch.int64 if k == "bn.num_batches_tracked" else torch.bfloat16), k
     # deterministic per name, and not degenerate
     again = dict(vae_tensors(TINY, seed=SEED))
     assert all(torch.equal(sd[k], again[k]) for k in sd)

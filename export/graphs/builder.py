@@ -44,6 +44,7 @@ class GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
+        self.value_info: list[onnx.ValueInfoProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._names: set[str] = set()
         self._counter = 0
@@ -71,6 +72,13 @@ class GraphBuilder:
         else:
             producer.output[list(producer.output).index(value)] = name
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+
+    def shape_hint(self, value: str, elem_type: int, shape: Sequence[int | str]) -> str:
+        """Declare an intermediate's symbolic shape where inference cannot derive it (e.g. a Range as long as
+        an input axis): onnxruntime's memory planner reuses buffers only between equal symbolic shapes, and
+        without the hint every layer's tensors get fresh unknown dims (quadratic planning, no reuse)."""
+        self.value_info.append(helper.make_tensor_value_info(value, elem_type, list(shape)))
+        return value
 
     def op(self, op_type: str, *inputs: str | None, out: str | None = None, n_out: int = 1,
            name: str | None = None, **attrs) -> str | list[str]:
@@ -119,7 +127,7 @@ class GraphBuilder:
 
     def model(self, doc: str = "") -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers,
-                                  doc_string=doc)
+                                  doc_string=doc, value_info=self.value_info)
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="ideogram4_engine.export")
         m.ir_version = IR_VERSION

@@ -112,7 +112,9 @@ def emulate_bf16(model: onnx.ModelProto, ops: frozenset[str] | None = None) -> o
     out.CopyFrom(model)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
+    hints = [v for v in out.graph.value_info if v.type.tensor_type.elem_type != BF16]   # types unchanged: still true
     del out.graph.value_info[:]
+    out.graph.value_info.extend(hints)
     return out
 
 

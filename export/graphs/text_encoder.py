@@ -60,7 +60,7 @@ def rope_inv_freq(text_config) -> torch.Tensor:
 def positions(g: GraphBuilder, ids: str) -> str:
     """0…n−1 (n,) int64 for ids (batch, n): every row is one whole prompt starting at position 0."""
     n = g.op("Squeeze", g.op("Shape", ids, start=1, end=2), g.i64(0))
-    return g.op("Range", g.const(0, torch.int64), n, g.const(1, torch.int64))
+    return g.shape_hint(g.op("Range", g.const(0, torch.int64), n, g.const(1, torch.int64)), I64, ["text_tokens"])
 
 
 def rope_cos_sin(g: GraphBuilder, pos: str, inv_freq: torch.Tensor) -> tuple[str, str]:

@@ -37,7 +37,7 @@ class SyntheticConfig:
 
 
 REAL_TE = TextEncoderShape(4096, 36, 32, 8, 128, 12288, (24, 20, 20))
-TINY_TE = TextEncoderShape(64, 4, 4, 2, 16, 128, (4, 2, 2))
+TINY_TE = TextEncoderShape(64, 36, 4, 2, 16, 128, (4, 2, 2))   # the official 36 layers: official taps
 
 CONFIGS: dict[str, SyntheticConfig] = {c.name: c for c in (
     SyntheticConfig(
@@ -45,7 +45,7 @@ CONFIGS: dict[str, SyntheticConfig] = {c.name: c for c in (
         DiTConfig(emb_dim=512, num_layers=2, num_heads=2, intermediate_size=1024, adanln_dim=64,
                   llm_features_dim=13 * TINY_TE.hidden_size),
         TINY_TE, (32, 32, 64, 64), 4 * MIB,
-        "CPU tests: head_dim 256 and the real vocabulary, everything else shrunk; sharded DiTs"),
+        "CPU tests: head_dim 256, the real vocabulary and 36 text layers (official taps), widths shrunk; sharded DiTs"),
     SyntheticConfig(
         "full-width",
         DiTConfig(num_layers=2),

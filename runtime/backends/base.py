@@ -16,7 +16,8 @@ class BackendUnavailable(RuntimeError):
 
 class Backend(Protocol):
     name: str            # e.g. "onnxruntime-cpu"
-    graph_variant: str   # which manifest graph file it runs: "bf16", "cuda", "cpu", "cuda_dql" or "cpu_dql"
+    graph_variant: str   # which manifest graph file it runs: "bf16", "cuda", "cpu", "cuda_dql", "cpu_dql",
+                         # "cuda_fused" or "cuda_fused_dql"
 
     def upload(self, array: np.ndarray, *, component: str | None = None) -> Any: ...   # to that graph's device
 

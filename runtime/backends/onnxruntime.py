@@ -1,4 +1,5 @@
-"""onnxruntime backend: CPU (`*.cpu.onnx`) or CUDA (`*.cuda.onnx`) execution provider, through IO binding.
+"""onnxruntime backend: CPU (`*.cpu.onnx`) or CUDA (`*.cuda_fused.onnx` with the project's fused-kernel library,
+else `*.cuda.onnx`) execution provider, through IO binding.
 
 Inputs and outputs are OrtValues on the provider's device: static inputs (text features, RoPE tables) are
 uploaded once per request and the sampler state never leaves the GPU between steps.
@@ -14,11 +15,14 @@ Two ways to hold the FP8 weights (docs/tuning.md):
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 
-from ..manifest import LOAD_DEQUANTIZED
+from .. import kernels
+from ..manifest import FUSED, LOAD_DEQUANTIZED
+from . import w8a8
 from .base import BackendUnavailable
 
 VARIANT = {"cpu": "cpu", "cuda": "cuda"}
@@ -30,7 +34,9 @@ class OnnxRuntimeBackend:
     def __init__(self, manifest, device: str = "cpu", device_id: int = 0, threads: int | None = None,
                  components: tuple[str, ...] | None = None,
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
-                 uncond_device_id: int | None = None, shared_arena: bool = True):
+                 uncond_device_id: int | None = None, shared_arena: bool = True,
+                 fused_kernels: bool | None = None, kernels_library: str | None = None,
+                 precision: str = "faithful"):
         """Constant folding is on for CUDA (it computes the FP8 MatMuls' fp32 row scales once; no DequantizeLinear
         of an initializer is left in those graphs) and off for the CPU, whose twin dequantizes every e4m3 weight
         per run and would otherwise hold them all as fp32.
@@ -46,7 +52,16 @@ class OnnxRuntimeBackend:
         49.3 → 35.3 GiB). The arena is per process: the first backend's arena_extend_strategy stays.
         CUDA sessions run without onnxruntime's memory pattern (it added a block per session on the second run:
         +4 GiB at 1024², no speed) and with the heuristic cuDNN convolution search (the exhaustive one costs the
-        VAE's first decode ~1.2 s more; same decode time after it)."""
+        VAE's first decode ~1.2 s more; same decode time after it).
+        fused_kernels (CUDA): None (default) runs the `cuda_fused` graphs — the elementwise chains as the project's
+        fused CUDA ops (kernels/, runtime/kernels.py) — when the export has them and the library loads and has
+        code for the GPU, else the stock cuda graphs with one FusedKernelsOff warning saying why (the environment
+        variable IDEOGRAM4_FUSED_KERNELS=0 also turns them off); True requires them (BackendUnavailable
+        otherwise); False runs the stock graphs (A/B). kernels_library: the library's path (default:
+        $IDEOGRAM4_KERNELS_LIBRARY, else the checkout's build/kernels/libideogram4_kernels.so).
+        precision="w8a8" (CUDA, opt-in; numerics change): the manifest's cuda_w8a8 graphs, whose DiT block linears
+        run with FP8 activations through the project's op library (backends/w8a8.py). If the library cannot run
+        here, a warning says why and the faithful graphs run; `self.precision` says which did."""
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -56,6 +71,13 @@ class OnnxRuntimeBackend:
                                      f"(available: {', '.join(ort.get_available_providers())})")
         if uncond_device_id is not None and device != "cuda":
             raise ValueError("uncond_device_id needs the CUDA provider (onnxruntime-cuda)")
+        if precision not in w8a8.PRECISIONS:
+            raise ValueError(f"precision={precision!r}; allowed: {', '.join(w8a8.PRECISIONS)}")
+        if precision == "w8a8" and (device != "cuda" or dequantize_at_load or "w8a8" not in manifest.precisions):
+            raise ValueError("precision='w8a8' " + ("needs the CUDA provider (onnxruntime-cuda)" if device != "cuda" else
+                             "multiplies the stored e4m3 weights: it cannot be combined with dequantize_at_load"
+                             if dequantize_at_load else f"needs W8A8 graphs, which {manifest.path} lacks: re-export "
+                             "with `--precision w8a8`"))
         if arena_extend_strategy is not None and arena_extend_strategy not in _STRATEGY:
             raise ValueError(f"arena_extend_strategy={arena_extend_strategy!r}; allowed: kNextPowerOfTwo, "
                              "kSameAsRequested")
@@ -71,9 +93,18 @@ class OnnxRuntimeBackend:
         if shared_arena:
             for dev in sorted(set(self.devices.values())):
                 _register_shared_arena(ort, device, dev, arena_extend_strategy or "kSameAsRequested")
+        self.kernels_library = self._kernels(fused_kernels, kernels_library) if device == "cuda" else None
         self._opts = self._options(shared_arena)
-        self.sessions = {c: self._session(manifest.graph_path(c, self.graph_variant), self.devices[c])
-                         for c in names}
+        self.precision = precision
+        try:
+            self.sessions = self._sessions(names, shared_arena)
+        except BackendUnavailable as e:
+            if self.kernels_library is None or fused_kernels:
+                raise
+            _warn_fused_off(f"{e}")        # e.g. a library this onnxruntime refuses: the stock graphs still run
+            self.kernels_library, self.graph_variant = None, self.graph_variant.replace(FUSED, "")
+            self._opts = self._options(shared_arena)
+            self.sessions = self._sessions(names, shared_arena)
         self._outputs = {c: [o.name for o in s.get_outputs()] for c, s in self.sessions.items()}
         self._weights: dict[str, Any] = {}      # component -> IO binding holding its bf16 weights
         self._keep: list = []                   # dequantization sessions: their arenas hold the weights
@@ -87,8 +118,31 @@ class OnnxRuntimeBackend:
             from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ort-cfg")
 
+    def _kernels(self, wanted: bool | None, library: str | None):
+        """The fused-kernel library's path when the fused graphs are to run (and graph_variant set to them), else
+        None; one warning when the export has fused graphs but the library cannot serve these GPUs."""
+        fused = self.manifest.fused_variant(self.graph_variant)
+        if wanted is False or (wanted is None and kernels.switched_off()):
+            return None
+        if fused is None:
+            if wanted:
+                raise BackendUnavailable(f"{self.manifest.path} has no fused CUDA graphs (exported before they "
+                                         "existed): re-run `make export`")
+            return None
+        try:
+            path = kernels.check(library, self.devices.values())
+        except kernels.KernelsUnavailable as e:
+            if wanted:
+                raise BackendUnavailable(str(e)) from None
+            _warn_fused_off(str(e))
+            return None
+        self.graph_variant = fused
+        return path
+
     def _options(self, shared_arena: bool):
         opts = self.ort.SessionOptions()
+        if getattr(self, "kernels_library", None):
+            opts.register_custom_ops_library(str(self.kernels_library))
         if self._threads:
             opts.intra_op_num_threads = self._threads
         opts.log_severity_level = 3
@@ -99,6 +153,25 @@ class OnnxRuntimeBackend:
         if shared_arena:
             opts.add_session_config_entry("session.use_env_allocators", "1")
         return opts
+
+    def _sessions(self, names, shared_arena: bool) -> dict:
+        """One session per component; for precision w8a8 with the op library, or the faithful graphs and a
+        warning when the library cannot run here."""
+        if self.precision == "w8a8":
+            problem = w8a8.register(self._opts)
+            if problem is None:
+                try:
+                    sessions = {c: self._session(self.manifest.graph_path(c, w8a8.VARIANT), self.devices[c]) for c in names}
+                    self.graph_variant = w8a8.VARIANT
+                    return sessions
+                except BackendUnavailable as e:
+                    if not w8a8.is_library_failure(str(e)):
+                        raise
+                    problem = f"{w8a8.library_path().name}: {e}"
+            warnings.warn(f"precision w8a8 is unavailable here, running the faithful graphs: {problem}", RuntimeWarning,
+                          stacklevel=4)
+            self.precision, self._opts = "faithful", self._options(shared_arena)
+        return {c: self._session(self.manifest.graph_path(c, self.graph_variant), self.devices[c]) for c in names}
 
     def _session(self, path, device_id: int, arena: str | None = None, opts=None):
         ort = self.ort
@@ -212,6 +285,15 @@ class OnnxRuntimeBackend:
             return [self.run(c, i) for c, i in calls]
         futures = [self._pool.submit(self.run, c, i) for c, i in calls]
         return [f.result() for f in futures]
+
+
+class FusedKernelsOff(RuntimeWarning):
+    """The fused CUDA graphs could not be used; the stock CUDA graphs run instead."""
+
+
+def _warn_fused_off(why: str) -> None:
+    import warnings
+    warnings.warn(f"fused CUDA kernels off: {why}; running the stock CUDA graphs", FusedKernelsOff, stacklevel=4)
 
 
 _SHARED_ARENAS: set[tuple[str, int]] = set()     # (provider device, device id) registered in this process

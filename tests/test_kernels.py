@@ -1,0 +1,195 @@
+"""The fused CUDA kernels (kernels/) on the CPU: the library is built and loads into onnxruntime, the backend's
+choice between fused and stock graphs, the export's rewrite (every pattern replaced, weights shared), and the
+numpy model of each op against the unfused subgraph on onnxruntime's CPU provider (the cpu twin's emulation).
+The kernels themselves run on a GPU: scripts/gpu_kernel_check.py (gpu_bench.sh stage `kernels`)."""
+from __future__ import annotations
+
+import ctypes
+import sys
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from ideogram4_engine.export.graphs.fuse import DOMAIN, OPS, fused_kernels, fused_ops
+from ideogram4_engine.export.graphs.rewrite import bf16_to_fp32_emulation
+from ideogram4_engine.runtime import kernels
+from ideogram4_engine.runtime.backends.base import BackendUnavailable
+from ideogram4_engine.runtime.backends.onnxruntime import FusedKernelsOff, OnnxRuntimeBackend
+from ideogram4_engine.runtime.manifest import load_manifest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+import checks  # noqa: E402
+
+LIB = kernels.default_library()
+
+
+# ------------------------------------------------------------------------------------------------ the library
+
+def test_library_is_built_and_exports_its_entry_points():
+    assert LIB.is_file(), f"{LIB} missing: `make test` builds it (make kernels)"
+    lib = ctypes.CDLL(str(LIB))
+    assert hasattr(lib, "RegisterCustomOps")
+    arches = kernels.library_arches(LIB)
+    assert (9, 0) in arches and all(a[0] in (8, 9, 10, 12) for a in arches)
+    lib.ideogram4_kernels_domain.restype = ctypes.c_char_p
+    assert lib.ideogram4_kernels_domain().decode() == DOMAIN
+
+
+def _one_op_graph(op: str = "SwiGLU") -> bytes:
+    from onnx import TensorProto as T, helper
+    node = helper.make_node(op, ["a", "b"], ["y"], domain=DOMAIN)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info(x, T.BFLOAT16, [4]) for x in "ab"],
+                          [helper.make_tensor_value_info("y", T.BFLOAT16, [4])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)],
+                             ir_version=10).SerializeToString()
+
+
+def test_library_registers_the_domain_in_onnxruntime():
+    """Without the library the op is unknown; with it onnxruntime knows the op and finds only CUDA kernels."""
+    with pytest.raises(Exception, match="is not a registered function/op"):
+        ort.InferenceSession(_one_op_graph(), ort.SessionOptions(), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(LIB))
+    with pytest.raises(Exception, match="Could not find an implementation for SwiGLU"):
+        ort.InferenceSession(_one_op_graph(), so, providers=["CPUExecutionProvider"])
+
+
+def test_check_names_the_file_and_the_compute_capability(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "compute_capability", lambda d: (9, 0))
+    assert kernels.check(LIB, [0]) == LIB
+    with pytest.raises(kernels.KernelsUnavailable, match=r"nope\.so not found .*make kernels.*compute capability 9\.0"):
+        kernels.check(tmp_path / "nope.so", [0])
+    bad = tmp_path / "bad.so"
+    bad.write_bytes(b"not a library")
+    with pytest.raises(kernels.KernelsUnavailable, match="bad.so cannot be loaded"):
+        kernels.check(bad, [0])
+    monkeypatch.setattr(kernels, "compute_capability", lambda d: (8, 0) if d == 1 else (9, 0))
+    with pytest.raises(kernels.KernelsUnavailable, match=r"machine code for sm 89,90,100,120, but GPU 1 is compute "
+                                                         r"capability 8\.0"):
+        kernels.check(LIB, [0, 1])
+    assert kernels.runs_on([(9, 0)], (9, 0)) and kernels.runs_on([(12, 0)], (12, 1))
+    assert not kernels.runs_on([(9, 0)], (10, 0)) and not kernels.runs_on([(12, 1)], (12, 0))
+
+
+def _backend(manifest, device_ids=(0,)):
+    """The backend's variant choice without a CUDA provider: the object is created bare and only the state its
+    `_kernels` step reads is set."""
+    b = object.__new__(OnnxRuntimeBackend)
+    b.manifest, b.graph_variant, b.devices = manifest, "cuda", {"dit_cond": device_ids[0], "dit_uncond": device_ids[-1]}
+    return b
+
+
+def test_backend_uses_the_fused_graphs_only_when_the_library_can_serve_the_gpu(tiny_engines, monkeypatch, tmp_path):
+    m = load_manifest(tiny_engines)
+    monkeypatch.delenv(kernels.SWITCH_ENV, raising=False)
+    monkeypatch.setattr(kernels, "compute_capability", lambda d: (9, 0))
+    b = _backend(m)
+    assert b._kernels(None, str(LIB)) == LIB and b.graph_variant == "cuda_fused"
+    b = _backend(m)
+    b.graph_variant = "cuda_dql"
+    assert b._kernels(None, str(LIB)) == LIB and b.graph_variant == "cuda_fused_dql"
+    b = _backend(m)
+    assert b._kernels(False, str(LIB)) is None and b.graph_variant == "cuda"
+    monkeypatch.setenv(kernels.SWITCH_ENV, "0")
+    assert b._kernels(None, str(LIB)) is None and b.graph_variant == "cuda"
+    monkeypatch.delenv(kernels.SWITCH_ENV)
+    with pytest.warns(FusedKernelsOff, match=r"missing\.so not found.*compute capability 9\.0.*stock CUDA graphs"):
+        assert b._kernels(None, str(tmp_path / "missing.so")) is None
+    assert b.graph_variant == "cuda"
+    with pytest.raises(BackendUnavailable, match="missing.so not found"):
+        b._kernels(True, str(tmp_path / "missing.so"))
+    monkeypatch.setattr(kernels, "compute_capability", lambda d: (8, 0))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert b._kernels(None, str(LIB)) is None
+    assert len(seen) == 1 and "compute capability 8.0" in str(seen[0].message)
+
+
+# ------------------------------------------------------------------------------------------------ the rewrite
+
+def _graph(engines: Path, component: str, variant: str) -> onnx.ModelProto:
+    m = load_manifest(engines)
+    return onnx.load(str(m.graph_path(component, variant)), load_external_data=False)
+
+
+@pytest.mark.parametrize("component", ["dit_cond", "dit_uncond"])
+@pytest.mark.parametrize("stock", ["cuda", "cuda_dql"])
+def test_rewrite_replaces_every_pattern_and_shares_the_weights(tiny_engines, component, stock):
+    m = load_manifest(tiny_engines)
+    layers = m.raw["model"]["dit"]["num_layers"]
+    before, after = _graph(tiny_engines, component, stock), _graph(tiny_engines, component, m.fused_variant(stock))
+    assert fused_ops(after) == {"NormModulate": 1, "GatedResidualModulate": 2 * layers - 1, "GatedResidual": 1,
+                                "QkvNormRope": layers, "SwiGLU": layers}
+    ops = [n.op_type for n in after.graph.node]
+    assert ops.count("RMSNormalization") == (1 if component == "dit_cond" else 0)      # llm_cond_norm only
+    assert not {"Tanh", "Squeeze", "Split"} & set(ops[ops.index("QkvNormRope"):]) - {"Split"}
+    assert ops.count("Tanh") == 0 and ops.count("Squeeze") == 0
+    assert ops.count("MultiHeadAttention") == layers
+    assert len(after.graph.node) < len(before.graph.node) - 10 * layers
+    io = lambda g: ([(v.name, v.type.SerializeToString()) for v in g.input],       # noqa: E731
+                    [(v.name, v.type.SerializeToString()) for v in g.output])
+    assert io(after.graph) == io(before.graph)
+    inits_b = {i.name: i.SerializeToString() for i in before.graph.initializer}
+    inits_a = {i.name: i.SerializeToString() for i in after.graph.initializer}
+    assert inits_a.keys() <= inits_b.keys() and all(inits_a[k] == inits_b[k] for k in inits_a)   # same weight file
+    big = [i for i in after.graph.initializer if i.external_data]
+    assert big and {e.value for i in big for e in i.external_data if e.key == "location"} == {f"{component}.onnx.data"}
+    assert any(o.domain == DOMAIN and o.version == 1 for o in after.opset_import)
+
+
+def test_rewrite_leaves_graphs_without_patterns_sharing_their_twins_file(tiny_engines):
+    m = load_manifest(tiny_engines)
+    graphs = m.component("vae_decoder")["graphs"]
+    assert graphs["cuda_fused"] == graphs["cuda"] and graphs["cuda_fused_dql"]["sha256"] == graphs["cuda_dql"]["sha256"]
+    assert graphs["cuda_fused_dql"]["file"] in (graphs["cuda"]["file"], graphs["cuda_dql"]["file"])
+    te = _graph(tiny_engines, "text_encoder", "cuda_fused")
+    assert fused_ops(te) == {"SwiGLU": m.raw["model"]["text_encoder"]["num_hidden_layers"]}
+    assert m.raw["kernels"]["variants"] == {"cuda": "cuda_fused", "cuda_dql": "cuda_fused_dql"}
+    assert m.raw["kernels"]["library"] == kernels.LIBRARY_NAME and m.raw["kernels"]["ops"] == list(OPS)
+
+
+@pytest.mark.parametrize("op", checks.OPS)
+def test_each_subgraph_becomes_exactly_its_op(op):
+    rng = np.random.default_rng(0)
+    fused = fused_kernels(checks.subgraph(op, checks.random_gains(op, rng, 64, 16), heads=2, head_dim=16))
+    assert fused_ops(fused) == {op: 1}
+    assert {n.op_type for n in fused.graph.node if n.domain != DOMAIN} <= {"Cast", "Unsqueeze", "Mul"}
+
+
+# ------------------------------------------------------------------------------------------------ semantics
+
+CASES = {"NormModulate": dict(batch=2, tokens=37, width=384), "GatedResidual": dict(batch=2, tokens=37, width=4608),
+         "GatedResidualModulate": dict(batch=1, tokens=150, width=4608), "QkvNormRope": dict(batch=1, tokens=41),
+         "SwiGLU": dict(batch=1, tokens=64, width=1000)}
+
+
+@pytest.mark.parametrize("op", checks.OPS)
+def test_numpy_model_matches_the_unfused_subgraph_on_the_cpu(op):
+    """The cpu twin computes each op in fp32 with its own summation order and MLAS's sigmoid/tanh, so an
+    intermediate may round the other way: the numpy model (onnxruntime-CUDA's order) must agree bit for bit on
+    >= 99 % of the values; the others are one intermediate rounding apart: 1 ulp, or after a cancellation
+    (h + t ≈ 0, SiLU's far negative tail) many ulps of a small result but within 2^-7 of the rows' RMS."""
+    rng = np.random.default_rng(zlib.crc32(op.encode()))
+    dims = CASES[op]
+    width = dims.get("width", 512)
+    gains = checks.random_gains(op, rng, width)
+    inputs = checks.random_inputs(op, rng, **dims, width=width) if "width" not in dims else \
+        checks.random_inputs(op, rng, **dims)
+    cpu = bf16_to_fp32_emulation(checks.subgraph(op, gains))
+    sess = ort.InferenceSession(cpu.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, inputs)))
+    want = checks.numpy_model(op, inputs, gains)
+    assert set(got) == set(want)
+    for name in want:
+        g, w = got[name].reshape(want[name].shape), want[name]
+        d = checks.ulps(g, w)
+        rows = [w] + [v for k, v in inputs.items() if v.shape == w.shape]
+        rms = np.max([np.sqrt(np.mean(r.astype(np.float64) ** 2, axis=-1, keepdims=True)) for r in rows], axis=0)
+        assert np.all(np.isfinite(w)) and w.std() > 0
+        assert (d > 0).mean() <= 0.01, f"{op}.{name}: {(d > 0).mean():.4%} differ"
+        assert np.all((d <= 1) | (np.abs(g - w) <= rms * 2.0**-7)), f"{op}.{name}: {np.abs(g - w).max()} off"
