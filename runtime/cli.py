@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=HelpFormatter)
     i.add_argument("--engines", required=True, help="engines folder written by `make export`")
     i.set_defaults(func=cmd_info)
+    from ..serve.cli import add_parser as add_serve     # `ideogram4 serve` (serve/cli.py: ray only when it runs)
+    add_serve(sub)
     return ap
 
 

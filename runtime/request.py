@@ -121,9 +121,9 @@ def resolve_sampling(presets: dict, default_preset: str, preset: str | None = No
         g = p.guidance
     else:
         g = _guidance(guidance, n)
+    custom = any(x is not None for x in (steps, mu, std, guidance))
     mu = p.mu if mu is None else _real("mu", mu, -MU_LIMIT, MU_LIMIT)
     std = p.std if std is None else _real("std", std, 0.0, STD_MAX, lo_open=True)
-    custom = any(x is not None for x in (steps, mu, std, guidance))
     return Sampling(None if custom else name, n, float(mu), float(std), g)
 
 

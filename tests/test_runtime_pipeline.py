@@ -260,3 +260,14 @@ def test_non_finite_sampler_state_is_an_error(engines):
     p.backend.run = faulty
     with pytest.raises(FloatingPointError, match="non-finite"):
         p.generate("a lighthouse at dusk", width=256, height=256, steps=1, guidance=3.0, seed=1)
+
+
+def test_a_preset_without_overrides_keeps_its_name():
+    """The PNG metadata and reports name the preset only when nothing overrode it (a regression: the
+    overrides were tested after mu/std had been filled in from the preset)."""
+    from ideogram4_engine.runtime.request import resolve_sampling
+    from ideogram4_engine.runtime.schedule import PRESETS
+    assert resolve_sampling(PRESETS, "V4_DEFAULT_20").preset == "V4_DEFAULT_20"
+    assert resolve_sampling(PRESETS, "V4_DEFAULT_20", "V4_TURBO_12").preset == "V4_TURBO_12"
+    assert resolve_sampling(PRESETS, "V4_DEFAULT_20", mu=0.25).preset is None
+    assert resolve_sampling(PRESETS, "V4_DEFAULT_20", std=1.0).preset is None
