@@ -261,7 +261,7 @@ void preload() {
   cudaFuncGetAttributes(&a, qkv_norm_rope_kernel<false>);
   cudaFuncGetAttributes(&a, swiglu_kernel<true>);
   cudaFuncGetAttributes(&a, swiglu_kernel<false>);
-  preload_rows();
+  preload_warp();
   cudaGetLastError();
 }
 
@@ -290,7 +290,8 @@ cudaError_t norm_modulate(cudaStream_t stream, const bf16* x, const bf16* gain, 
   const int ty = ort_norm_threads_y(stream, rows, n);
   if (rows_per_scale <= 0 || (fq.q != nullptr && fq.scale == nullptr) || (fq.q == nullptr && y == nullptr))
     return cudaErrorInvalidValue;
-  if (!legacy && norm_modulate_rows(stream, ty, x, gain, scale, y, rows, n, rows_per_scale, eps, fq))
+  if (!legacy && rows_ty2(stream, ty, nullptr, x, nullptr, nullptr, gain, scale, nullptr, y, rows, n, rows_per_scale,
+                          eps, 0.f, fq))
     return cudaGetLastError();
   const dim3 block(32, ty);
   const bool v4 = n % 4 == 0 && aligned(x, 8) && aligned(gain, 8) && aligned(scale, 8) && (fq.q || aligned(y, 8));
@@ -314,8 +315,8 @@ cudaError_t gated_residual(cudaStream_t stream, const bf16* h, const bf16* branc
   const bool mod = gain2 != nullptr && scale != nullptr;
   if (rows_per_gate <= 0 || (mod && fq.q == nullptr && y == nullptr) || (fq.q != nullptr && (!mod || !fq.scale)))
     return cudaErrorInvalidValue;
-  if (!legacy && gated_residual_rows(stream, ty, h, branch, gain, gate, gain2, scale, h_out, y, rows, n, rows_per_gate,
-                                     eps, eps2, fq))
+  if (!legacy && rows_ty2(stream, ty, h, branch, gain, gate, gain2, scale, h_out, y, rows, n, rows_per_gate, eps,
+                          eps2, fq))
     return cudaGetLastError();
   const dim3 block(32, ty);
   const bool v4 = n % 4 == 0 && aligned(h, 8) && aligned(branch, 8) && aligned(gain, 8) && aligned(gate, 8) &&
@@ -337,8 +338,10 @@ cudaError_t gated_residual(cudaStream_t stream, const bf16* h, const bf16* branc
 
 cudaError_t qkv_norm_rope(cudaStream_t stream, const bf16* qkv, const bf16* gain_q, const bf16* gain_k,
                           const bf16* cos, const bf16* sin, bf16* q, bf16* k, bf16* v, int64_t tokens, int heads,
-                          int head_dim, float eps_q, float eps_k) {
+                          int head_dim, float eps_q, float eps_k, bool legacy) {
   const int ty = ort_norm_threads_y(stream, tokens * heads, head_dim);   // each norm node sees tokens*heads rows
+  if (!legacy && qkv_ty2(stream, ty, qkv, gain_q, gain_k, cos, sin, q, k, v, tokens, heads, head_dim, eps_q, eps_k))
+    return cudaGetLastError();
   const int per_block = std::max(1, 8 / ty);
   const dim3 block(32, ty, per_block);
   const size_t shared = static_cast<size_t>(per_block) * (head_dim + 32) * sizeof(float);
@@ -354,7 +357,8 @@ cudaError_t qkv_norm_rope(cudaStream_t stream, const bf16* qkv, const bf16* gain
   return cudaGetLastError();
 }
 
-cudaError_t swiglu(cudaStream_t stream, const bf16* a, const bf16* b, bf16* out, int64_t n) {
+cudaError_t swiglu(cudaStream_t stream, const bf16* a, const bf16* b, bf16* out, int64_t n, bool legacy) {
+  if (!legacy && swiglu_vec(stream, a, b, out, n)) return cudaGetLastError();
   const int threads = 256;
   const bool v8 = n % 8 == 0 && aligned(a, 16) && aligned(b, 16) && aligned(out, 16);
   const int64_t work = v8 ? n / 8 : n;

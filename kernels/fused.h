@@ -49,21 +49,25 @@ cudaError_t gated_residual(cudaStream_t stream, const bf16* h, const bf16* branc
 // signed (-sin on the first half), cos/sin (tokens, head_dim); v copied.
 cudaError_t qkv_norm_rope(cudaStream_t stream, const bf16* qkv, const bf16* gain_q, const bf16* gain_k,
                           const bf16* cos, const bf16* sin, bf16* q, bf16* k, bf16* v, int64_t tokens, int heads,
-                          int head_dim, float eps_q, float eps_k);
+                          int head_dim, float eps_q, float eps_k, bool legacy = false);
 
 // out = bf16(bf16(silu(a)) * b), SiLU in fp32 as onnxruntime's QuickGelu/Sigmoid compute it.
-cudaError_t swiglu(cudaStream_t stream, const bf16* a, const bf16* b, bf16* out, int64_t n);
+cudaError_t swiglu(cudaStream_t stream, const bf16* a, const bf16* b, bf16* out, int64_t n, bool legacy = false);
 
 // The same SwiGLU values quantized per row of n (q.q and q.scale required): (rows, n) -> e4m3 + (rows) scales.
-cudaError_t swiglu_fp8(cudaStream_t stream, const bf16* a, const bf16* b, int64_t rows, int n, const Fp8Out& q);
+cudaError_t swiglu_fp8(cudaStream_t stream, const bf16* a, const bf16* b, int64_t rows, int n, const Fp8Out& q,
+                       bool legacy = false);
 
-// The register-resident norm kernels (fused_rows.cu). Each returns false, launching nothing, when the shape or
-// alignment is outside what it handles (the caller then runs fused.cu's kernel); ty is onnxruntime's layout.
-bool norm_modulate_rows(cudaStream_t stream, int ty, const bf16* x, const bf16* gain, const bf16* scale, bf16* y,
-                        int64_t rows, int n, int64_t rows_per_scale, float eps, const Fp8Out& q);
-bool gated_residual_rows(cudaStream_t stream, int ty, const bf16* h, const bf16* branch, const bf16* gain,
-                         const bf16* gate, const bf16* gain2, const bf16* scale, bf16* h_out, bf16* y, int64_t rows,
-                         int n, int64_t rows_per_gate, float eps, float eps2, const Fp8Out& q);
-void preload_rows();
+// The warp-per-row kernels (fused_warp.cu): onnxruntime's threads_y-2 reduction with one warp per row and
+// 16-byte accesses. Each returns false, launching nothing, when the layout (ty), shape or alignment is outside what
+// it handles; the caller then runs fused.cu's kernel. rows_ty2: NormModulate (h null), GatedResidual (gain2/scale
+// null) and GatedResidualModulate, per = rows per gate/scale row.
+bool rows_ty2(cudaStream_t stream, int ty, const bf16* h, const bf16* x, const bf16* gain, const bf16* gate,
+              const bf16* gain2, const bf16* scale, bf16* h_out, bf16* y, int64_t rows, int n, int64_t per,
+              float eps, float eps2, const Fp8Out& q);
+bool qkv_ty2(cudaStream_t stream, int ty, const bf16* qkv, const bf16* gain_q, const bf16* gain_k, const bf16* cos,
+             const bf16* sin, bf16* q, bf16* k, bf16* v, int64_t tokens, int heads, int hd, float eps_q, float eps_k);
+bool swiglu_vec(cudaStream_t stream, const bf16* a, const bf16* b, bf16* out, int64_t n);
+void preload_warp();
 
 }  // namespace i4k

@@ -210,7 +210,7 @@ struct QkvNormRope : Bf16Outputs {   // (qkv, gain_q, gain_k, cos, sin_signed) -
     bf16 *q = output(ctx, 0, shape), *k = output(ctx, 1, shape), *v = output(ctx, 2, shape);
     if (tokens)
       launched(i4k::qkv_norm_rope(stream_of(ctx), qkv.data, gq.data, gk.data, cos.data, sin.data, q, k, v, tokens,
-                                  int(heads), int(hd), eps_q, eps_k), kName);
+                                  int(heads), int(hd), eps_q, eps_k, legacy), kName);
   }
 };
 
@@ -223,7 +223,7 @@ struct SwiGLU : Bf16Outputs {   // (a, b) -> bf16(bf16(silu(a)) * b)
     const In a = input(ctx, 0), b = input(ctx, 1);
     require(a.shape == b.shape, "a has shape " + dims(a.shape) + ", b " + dims(b.shape) + "; they must match");
     bf16* out = output(ctx, 0, a.shape);
-    if (a.size) launched(i4k::swiglu(stream_of(ctx), a.data, b.data, out, a.size), kName);
+    if (a.size) launched(i4k::swiglu(stream_of(ctx), a.data, b.data, out, a.size, legacy), kName);
   }
 };
 
@@ -241,7 +241,7 @@ struct SwiGLUFp8 {   // (a, b) -> the SwiGLU values quantized per row of the las
             "a must have a non-empty last axis under 2^30 elements, got " + dims(a.shape));
     const i4k::Fp8Out q = fp8_outputs(ctx, 0, a.shape, clamp);
     const int64_t n = a.shape.back();
-    if (a.size) launched(i4k::swiglu_fp8(stream_of(ctx), a.data, b.data, a.size / n, int(n), q), kName);
+    if (a.size) launched(i4k::swiglu_fp8(stream_of(ctx), a.data, b.data, a.size / n, int(n), q, legacy), kName);
   }
 };
 
