@@ -358,7 +358,6 @@ cudaError_t qkv_norm_rope(cudaStream_t stream, const bf16* qkv, const bf16* gain
 }
 
 cudaError_t swiglu(cudaStream_t stream, const bf16* a, const bf16* b, bf16* out, int64_t n, bool legacy) {
-  if (!legacy && swiglu_vec(stream, a, b, out, n)) return cudaGetLastError();
   const int threads = 256;
   const bool v8 = n % 8 == 0 && aligned(a, 16) && aligned(b, 16) && aligned(out, 16);
   const int64_t work = v8 ? n / 8 : n;

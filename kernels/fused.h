@@ -67,7 +67,6 @@ bool rows_ty2(cudaStream_t stream, int ty, const bf16* h, const bf16* x, const b
               float eps, float eps2, const Fp8Out& q);
 bool qkv_ty2(cudaStream_t stream, int ty, const bf16* qkv, const bf16* gain_q, const bf16* gain_k, const bf16* cos,
              const bf16* sin, bf16* q, bf16* k, bf16* v, int64_t tokens, int heads, int hd, float eps_q, float eps_k);
-bool swiglu_vec(cudaStream_t stream, const bf16* a, const bf16* b, bf16* out, int64_t n);
 void preload_warp();
 
 }  // namespace i4k
