@@ -1,7 +1,7 @@
 // Bandwidth-oriented forms of the fused kernels: one warp per normalized row, 16-byte accesses, the row held in
 // registers as packed bf16, the row-invariant vectors (gains, bf16(tanh(gate)), bf16(1 + scale)) computed once per
-// block into shared memory; SwiGLU with several 16-byte loads in flight per thread, its quantized form one
-// 512-thread block per row with the row in registers.
+// block into shared memory; the quantized SwiGLU one 512-thread block per row with the row in registers (the
+// bf16 SwiGLU stays fused.cu's kernel: a form with four loads in flight per thread measured slower).
 //
 // Same bits as fused.cu: onnxruntime's RMSNormalization at threads_y 2 (every DiT norm: 4170 rows of 4608, and
 // the 18 x 256 head norms) reduces a row with 64 threads, thread t summing x^2 over the groups of four
@@ -49,18 +49,6 @@ __device__ __forceinline__ void store_e4m3x8(uint8_t* p, const float v[8], float
   *reinterpret_cast<uint2*>(p) = u;
 }
 
-// Starts pulling `bytes` (a multiple of 16, p 16-byte aligned) into L2 without holding registers: the next row's
-// DRAM traffic then overlaps this row's arithmetic. Called by one lane (sm_90: one bulk prefetch) or, before
-// sm_90, by every lane of the warp (one line each per 32 lines).
-__device__ __forceinline__ void prefetch_l2(const void* p, int bytes, int lane) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (lane == 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#else
-  for (int off = 128 * lane; off < bytes; off += 128 * 32)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + off));
-#endif
-}
-
 // e, o: this lane's partial sums for onnxruntime's threads 2p and 2p+1 (threads_y 2); the row's sum, every lane.
 __device__ __forceinline__ float ty2_row_sum(float e, float o) {
 #pragma unroll
@@ -102,11 +90,6 @@ __global__ void __launch_bounds__(32 * kRowWarps, 1)
   const int lane = threadIdx.x & 31;
   for (int r = blockIdx.x * kRowWarps + (threadIdx.x >> 5); r < per_batch; r += gridDim.x * kRowWarps) {
     const int64_t row = batch * per_batch + r;
-    const int next = r + gridDim.x * kRowWarps;
-    if (next < per_batch) {
-      prefetch_l2(x + (batch * per_batch + next) * n, 2 * n, lane);
-      if (RES) prefetch_l2(h + (batch * per_batch + next) * n, 2 * n, lane ^ 1);
-    }
     uint4 xb[G], hb[G];
 #pragma unroll
     for (int c = 0; c < G; ++c) {
@@ -234,11 +217,10 @@ __device__ __forceinline__ void swiglu8(const uint4& ua, const uint4& ub, float 
   for (int j = 0; j < 8; ++j) o[j] = rb(rb(silu(a[j])) * b[j]);
 }
 
-// SwiGLU values of one row quantized per row, block (32, 8): C > 0: C 16-byte vectors per thread held in
-// registers (4 rows in flight per SM), the block's next row prefetched into L2; C = 0: any shape, two passes
-// that recompute the values element by element.
+// SwiGLU values of one row quantized per row, block (32, 16): C > 0: C 16-byte vectors per thread held in
+// registers; C = 0: any shape, two passes that recompute the values element by element.
 template <int C>
-__global__ void __launch_bounds__(256, C > 6 ? 2 : C > 0 ? 4 : 1) swiglu_fp8_rows_kernel(const bf16* __restrict__ a, const bf16* __restrict__ b,
+__global__ void __launch_bounds__(512) swiglu_fp8_rows_kernel(const bf16* __restrict__ a, const bf16* __restrict__ b,
                                                               int64_t rows, int n, Fp8Out fq) {
   __shared__ float buf[32];
   const int t = threadIdx.x + threadIdx.y * blockDim.x, threads = blockDim.x * blockDim.y;
@@ -248,7 +230,6 @@ __global__ void __launch_bounds__(256, C > 6 ? 2 : C > 0 ? 4 : 1) swiglu_fp8_row
     uint8_t* qr = fq.q + row * n;
     float amax = 0.f;
     if constexpr (C > 0) {
-      if (row + gridDim.x < rows && t < 64) prefetch_l2((t < 32 ? a : b) + (row + gridDim.x) * n, 2 * n, t & 31);
       uint4 ua[C], ub[C];
 #pragma unroll
       for (int j = 0; j < C; ++j)
@@ -283,38 +264,16 @@ __global__ void __launch_bounds__(256, C > 6 ? 2 : C > 0 ? 4 : 1) swiglu_fp8_row
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; }
 
-int sm_count(cudaStream_t stream) {
-  int dev = 0, sms = 0;
-  if (cudaStreamGetDevice(stream, &dev) != cudaSuccess) cudaGetLastError(), cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  return sms > 0 ? sms : 1;
-}
-
-template <class K>
-int resident_blocks(K kernel, size_t smem) {
-  int b = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kernel, 32 * kRowWarps, smem) != cudaSuccess) cudaGetLastError();
-  return b > 0 ? b : 1;
-}
-
 template <int G>
-void launch_rows(cudaStream_t stream, int sms, bool res, bool mod, bool quant, dim3 grid, size_t smem, const bf16* h,
+void launch_rows(cudaStream_t stream, bool res, bool mod, bool quant, dim3 grid, size_t smem, const bf16* h,
                  const bf16* x, const bf16* gain, const bf16* gate, const bf16* gain2, const bf16* scale, bf16* h_out,
                  bf16* y, int per, int n, float eps, float eps2, const Fp8Out& fq) {
   const dim3 block(32 * kRowWarps);
-  const int64_t want = (per + kRowWarps - 1) / kRowWarps;
-#define I4K_ROWS(R, M, Q)                                                                                               \
-  do {                                                                                                                  \
-    static const int occ = resident_blocks(rows_ty2_kernel<G, R, M, Q>, 4 * sizeof(bf16) * 256 * G);                    \
-    grid.x = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(want, (occ * sms + grid.y - 1) / grid.y))); \
-    rows_ty2_kernel<G, R, M, Q><<<grid, block, smem, stream>>>(h, x, gain, gate, gain2, scale, h_out, y, per, n, eps,   \
-                                                               eps2, fq);                                               \
-  } while (0)
-  if (!res && quant) I4K_ROWS(false, true, true);
-  else if (!res) I4K_ROWS(false, true, false);
+#define I4K_ROWS(R, M, Q) \
+  rows_ty2_kernel<G, R, M, Q><<<grid, block, smem, stream>>>(h, x, gain, gate, gain2, scale, h_out, y, per, n, eps, eps2, fq)
+  if (!res) quant ? I4K_ROWS(false, true, true) : I4K_ROWS(false, true, false);
   else if (!mod) I4K_ROWS(true, false, false);
-  else if (quant) I4K_ROWS(true, true, true);
-  else I4K_ROWS(true, true, false);
+  else quant ? I4K_ROWS(true, true, true) : I4K_ROWS(true, true, false);
 #undef I4K_ROWS
 }
 
@@ -331,14 +290,16 @@ bool rows_ty2(cudaStream_t stream, int ty, const bf16* h, const bf16* x, const b
     return false;
   const int64_t batches = rows / per;
   if (batches > 65535) return false;
-  const int sms = sm_count(stream);
-  const dim3 grid(1, static_cast<unsigned>(batches));
+  const int sms = stream_sms(stream);
+  const int64_t want = (per + kRowWarps - 1) / kRowWarps;
+  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(want, (2 * sms + batches - 1) / batches))),
+                  static_cast<unsigned>(batches));
   const size_t smem = static_cast<size_t>((res ? 2 : 0) + (mod ? 2 : 0)) * n * sizeof(bf16);
   if (chunks <= 4)
-    launch_rows<4>(stream, sms, res, mod, quant, grid, smem, h, x, gain, gate, gain2, scale, h_out, y, int(per), n, eps,
+    launch_rows<4>(stream, res, mod, quant, grid, smem, h, x, gain, gate, gain2, scale, h_out, y, int(per), n, eps,
                    eps2, fq);
   else
-    launch_rows<18>(stream, sms, res, mod, quant, grid, smem, h, x, gain, gate, gain2, scale, h_out, y, int(per), n, eps,
+    launch_rows<18>(stream, res, mod, quant, grid, smem, h, x, gain, gate, gain2, scale, h_out, y, int(per), n, eps,
                     eps2, fq);
   return true;
 }
@@ -354,16 +315,16 @@ bool qkv_ty2(cudaStream_t stream, int ty, const bf16* qkv, const bf16* gain_q, c
   return true;
 }
 
-cudaError_t swiglu_fp8(cudaStream_t stream, const bf16* a, const bf16* b, int64_t rows, int n, const Fp8Out& fq,
-                       bool legacy) {
+cudaError_t swiglu_fp8(cudaStream_t stream, const bf16* a, const bf16* b, int64_t rows, int n, const Fp8Out& fq) {
   if (fq.q == nullptr || fq.scale == nullptr || n <= 0) return cudaErrorInvalidValue;
-  const dim3 block(32, 8);
-  const int vectors = (n / 8 + 255) / 256;
-  const bool vec = !legacy && n % 8 == 0 && aligned16(a) && aligned16(b) && reinterpret_cast<uintptr_t>(fq.q) % 8 == 0;
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(rows, vec ? 4 * sm_count(stream) : 1 << 30));
-  if (vec && vectors <= 2) swiglu_fp8_rows_kernel<2><<<grid, block, 0, stream>>>(a, b, rows, n, fq);
+  const dim3 block(32, 16);
+  const int vectors = (n / 8 + 511) / 512;
+  const bool vec = n % 8 == 0 && aligned16(a) && aligned16(b) && reinterpret_cast<uintptr_t>(fq.q) % 8 == 0;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(rows, 1 << 30));
+  if (vec && vectors <= 1) swiglu_fp8_rows_kernel<1><<<grid, block, 0, stream>>>(a, b, rows, n, fq);
+  else if (vec && vectors <= 2) swiglu_fp8_rows_kernel<2><<<grid, block, 0, stream>>>(a, b, rows, n, fq);
+  else if (vec && vectors <= 3) swiglu_fp8_rows_kernel<3><<<grid, block, 0, stream>>>(a, b, rows, n, fq);
   else if (vec && vectors <= 6) swiglu_fp8_rows_kernel<6><<<grid, block, 0, stream>>>(a, b, rows, n, fq);
-  else if (vec && vectors <= 10) swiglu_fp8_rows_kernel<10><<<grid, block, 0, stream>>>(a, b, rows, n, fq);
   else swiglu_fp8_rows_kernel<0><<<grid, block, 0, stream>>>(a, b, rows, n, fq);
   return cudaGetLastError();
 }
@@ -380,9 +341,10 @@ void preload_warp() {
 #undef I4K_PRELOAD
   cudaFuncGetAttributes(&f, qkv_ty2_kernel);
   cudaFuncGetAttributes(&f, swiglu_fp8_rows_kernel<0>);
+  cudaFuncGetAttributes(&f, swiglu_fp8_rows_kernel<1>);
   cudaFuncGetAttributes(&f, swiglu_fp8_rows_kernel<2>);
+  cudaFuncGetAttributes(&f, swiglu_fp8_rows_kernel<3>);
   cudaFuncGetAttributes(&f, swiglu_fp8_rows_kernel<6>);
-  cudaFuncGetAttributes(&f, swiglu_fp8_rows_kernel<10>);
   cudaGetLastError();
 }
 

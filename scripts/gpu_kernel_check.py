@@ -3,8 +3,7 @@
 1. each op against the unfused subgraph it replaces (kernels/checks.py: the exporter's own layer functions; for
    the quantizing *Fp8 ops that subgraph followed by the standalone Fp8QuantizeRows), both on onnxruntime's CUDA
    provider, at the model's shapes (4170 tokens, D 4608, 18 heads x 256, FFN 12288) and at odd ones (few rows:
-   other reduction layouts; widths not a multiple of 4: the scalar paths), with the default (warp-per-row,
-   fused_warp.cu) kernels and with the first ones (fused.cu, IDEOGRAM4_KERNELS_LEGACY_NORM=1): the share of bit-identical values, the
+   other reduction layouts, widths not a multiple of 8: fused.cu's kernels; the DiT's: fused_warp.cu's): the share of bit-identical values, the
    largest distance in bf16 ulps, the numpy model's agreement, and ms per call of the graphs with bf16 / e4m3
    boundaries (checks.bf16_io: the kernels, not the fp32 casts around them; median of 5 x 20 runs);
 2. end to end on synthetic models (default tiny and full-width): the runtime with the fused graphs against the
@@ -65,7 +64,6 @@ CASES = [   # (op, dims): the model's shapes first, then odd ones
     ("SwiGLUFp8", dict(batch=1, tokens=7, width=1001)),
     ("SwiGLUFp8", dict(batch=1, tokens=3, width=20000)),                  # wider than the register path
 ]
-LEGACY_ENV = "IDEOGRAM4_KERNELS_LEGACY_NORM"     # read by the library when onnxruntime creates a kernel
 
 
 def emit(out: Path, rec: dict) -> None:
@@ -86,17 +84,11 @@ def _timed(sess, binding, runs: int = 20, repeats: int = 5) -> float:
     return float(np.median(best))
 
 
-def _session(ort, model, lib: Path, legacy: bool = False):
-    import os
+def _session(ort, model, lib: Path):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.register_custom_ops_library(str(lib))
-    if legacy:
-        os.environ[LEGACY_ENV] = "1"
-    try:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
-    finally:
-        os.environ.pop(LEGACY_ENV, None)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
 
 
 def _kernel_ms(ort, sess, inputs: dict) -> float:
@@ -160,25 +152,25 @@ def kernel_cases(out: Path, lib: Path, only: set[str] | None = None) -> bool:
             inputs = checks.random_inputs(op, rng, batch=dims["batch"], tokens=dims["tokens"], width=width,
                                           heads=heads, head_dim=hd)
             got, ms = {}, {}
-            for name, model, legacy in (("stock", stock, False), ("fused", fused, False), ("legacy", fused, True)):
-                sess = _session(ort, model, lib, legacy)
+            for name, model in (("stock", stock), ("fused", fused)):
+                sess = _session(ort, model, lib)
                 got[name] = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, inputs)))
                 del sess
-                ms[name] = _kernel_ms(ort, _session(ort, checks.bf16_io(model), lib, legacy), inputs)
+                ms[name] = _kernel_ms(ort, _session(ort, checks.bf16_io(model), lib), inputs)
                 gc.collect()
             want = checks.numpy_model(op, inputs, gains, heads, hd)
             per = {}
             for k in got["stock"]:
                 a = got["stock"][k]
                 per[k] = {"numpy_model_identical": float((want[k].reshape(a.shape) == a).mean())}
-                for name in ("fused", "legacy"):
+                for name in ("fused",):
                     f = got[name][k]
                     same = (a == f) | (np.isnan(a) & np.isnan(f))
                     per[k][f"{name}_bit_identical"] = float(same.mean())
                     per[k][f"{name}_max_ulps"] = float(checks.ulps(f, a).max()) if k != "y_scale" else \
                         float(np.abs(f / a - 1).max())
-            rec.update(outputs=per, stock_ms=ms["stock"], fused_ms=ms["fused"], legacy_ms=ms["legacy"],
-                       ok=all(v[f"{n}_bit_identical"] == 1.0 for v in per.values() for n in ("fused", "legacy")))
+            rec.update(outputs=per, stock_ms=ms["stock"], fused_ms=ms["fused"],
+                       ok=all(v["fused_bit_identical"] == 1.0 for v in per.values()))
             if not rec["ok"] and checks.base_op(op) != "SwiGLU":
                 rec["forced_threads_y"] = _bisect_layout(ort, lib, fused, inputs, got["stock"])
         except Exception as e:  # noqa: BLE001 -- record and go on with the other cases
