@@ -41,8 +41,9 @@ from .graphs.fuse import cuda_fused_dequantized_at_load, for_cuda_fused, kernels
 from .graphs.w8a8 import for_cuda_fused_w8a8, for_cuda_w8a8
 from .inventory import scale_name
 
-EXPORTER_VERSION = 10         # bump whenever the graphs an unchanged checkpoint exports would change (9: cuda_fused twins; 10: bf16 MRoPE table)
+EXPORTER_VERSION = 11         # bump whenever the graphs an unchanged checkpoint exports would change (9: cuda_fused twins; 10: bf16 MRoPE table; 11: first-block cache pieces, the other graphs unchanged)
 COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
+CACHED = ("dit_cond", "dit_uncond")      # cut into head / body / tail for the first-block cache (graphs/cache.py)
 SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond": "unconditional_transformer",
           "vae_decoder": "vae"}
 WEIGHT_MODES = ("fp8", "keep")
@@ -303,8 +304,10 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
                 model = builder.save(graph)
             paths: dict[str, Path] = {}
             written: dict[bytes, Path] = {}         # a derived variant with nothing to change shares its twin's file
+            twins: dict[str, onnx.ModelProto] = {}
             for variant, rewrite in rewrites.items():
-                data = rewrite(model).SerializeToString()
+                twins[variant] = rewrite(model)
+                data = twins[variant].SerializeToString()
                 if (FUSED in variant or variant in PRECISION_VARIANTS[opts.precision]) and data in written:
                     paths[variant] = written[data]
                     continue
@@ -322,10 +325,13 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
             table = _fp8_weight_table(model)
             if table:
                 components[name]["dequantize"] = {"graph": dequantize, "weights": table}
+            if name in CACHED:
+                components[name]["first_block_cache"] = _write_cache_pieces(name, twins, builder.marks, ins, outs, table, tmp)
             log(f"{name}: {builder.weight_bytes / 1e6:.1f} MB of weights "
                 f"({builder.weight_bytes / comp.files.nbytes:.3f}x the checkpoint's), "
                 f"{time.perf_counter() - t0:.1f} s")
         components["guided_step"] = _write_guided_step(tmp, graph_use)
+        cache_ops = _write_cache_ops(tmp)
         engines = _carry_engines(old, out, tmp)
         shutil.copytree(ckpt.root / "tokenizer", tmp / "tokenizer")
         static = _static_sections(ckpt)
@@ -346,6 +352,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
             "components": components,
         }
         manifest["kernels"] = kernels_section(opts.precision)
+        manifest["first_block_cache"] = cache_ops
         if engines:
             manifest["engines"] = engines
         validate_manifest(manifest)
@@ -405,6 +412,53 @@ def _write_guided_step(folder: Path, graph_use: dict[str, str]) -> dict:
             "cache_key": exporter_fingerprint(), "weights": "none", "initializer_bytes": 0, "checkpoint_bytes": 0}
 
 
+def _write_cache_pieces(name: str, twins: dict[str, onnx.ModelProto], marks: dict[str, str], ins: list,
+                        outs: list, table: list[dict], folder: Path) -> dict:
+    """Every twin of a DiT cut into head, body and tail (graphs/cache.py), all reading `<name>.onnx.data`; a
+    *_dql piece's FP8 weights are the entries of the component's table that it takes (named per variant)."""
+    from .graphs.cache import PIECES, split_first_block
+    regular = [io["name"] for io in ins]
+    section: dict[str, dict] = {p: {"graphs": {}} for p in PIECES}
+    written: dict[bytes, str] = {}
+    for variant, model in twins.items():
+        for piece, m in split_first_block(model, marks, regular).items():
+            data = m.SerializeToString()
+            if data not in written:
+                written[data] = f"{name}.{piece}.{variant}.onnx"
+                (folder / written[data]).write_bytes(data)
+            section[piece]["graphs"][variant] = _file_entry(folder / written[data])
+            if variant.endswith(LOAD_DEQUANTIZED):     # a fused twin's head also takes block 1's adaLN weights
+                takes = {i.name for i in m.graph.input}
+                section[piece].setdefault("dequantize_inputs", {})[variant] = [w["input"] for w in table
+                                                                              if w["input"] in takes]
+    carry = "carry_<i>: the head's values that later nodes read (the variant's own; pass every one on)"
+    hidden = _io("hidden", "float32|bfloat16", ["batch", "sequence", "hidden"],
+                 "block 0's output (the variant's dtype), from the head")
+    residual = lambda n, m: _io(n, "float32", ["batch", "sequence", "hidden"], m)   # noqa: E731
+    section["head"].update(inputs=ins, outputs=[hidden, residual("first_residual", "hidden - block 0's input"),
+                                                _io("carry_<i>", "any", [], carry)])
+    section["body"].update(inputs=[*ins, hidden, _io("carry_<i>", "any", [], carry)],
+                           outputs=[*outs, residual("body_residual", "last block's output - hidden")])
+    section["tail"].update(inputs=[*ins, hidden, residual("body_residual", "a cached (or extrapolated) body residual"),
+                                   _io("carry_<i>", "any", [], carry)], outputs=outs)
+    return section
+
+
+def _write_cache_ops(folder: Path) -> dict:
+    """The first-block cache's weightless fp32 graphs (graphs/cache.py), one file each for every backend."""
+    from .graphs.cache import build_residual_change, build_residual_extrapolate
+    out = {"decision": "per step run both heads; reuse the bodies' residuals (tail instead of body) when "
+                       "max over the DiTs run of change_l1 / reference_l1 < threshold, after warm-up and within "
+                       "the cap on consecutive reused steps (runtime/cache.py)"}
+    for name, build in (("residual_change", build_residual_change), ("residual_extrapolate", build_residual_extrapolate)):
+        g = build()
+        g.save(folder / f"{name}.onnx")
+        out[name] = {"graph": _file_entry(folder / f"{name}.onnx"),
+                     "inputs": [_io(i.name, "float32", [], "") for i in g.inputs],
+                     "outputs": [_io(o.name, "float32", [], "") for o in g.outputs]}
+    return out
+
+
 def _carry_engines(old: dict | None, out: Path, tmp: Path) -> dict | None:
     """Keep the previous export's TensorRT engines and layer reports (hard links) and its manifest `engines`
     section: `python -m ideogram4_engine.export.engines` then reuses or rebuilds each by its own build key."""
@@ -460,7 +514,8 @@ def _reuse(old: dict | None, out: Path, tmp: Path, name: str, key: str) -> dict 
     entry = (old or {}).get("components", {}).get(name)
     if not entry or entry.get("cache_key") != key:
         return None
-    files = list({f["file"]: f for f in [*entry["graphs"].values(), entry["data"]]}.values())
+    pieces = [e for p in (entry.get("first_block_cache") or {}).values() for e in p["graphs"].values()]
+    files = list({f["file"]: f for f in [*entry["graphs"].values(), entry["data"], *pieces]}.values())
     if any(not (out / f["file"]).is_file() or (out / f["file"]).stat().st_size != f["bytes"] for f in files):
         return None
     for f in files:
