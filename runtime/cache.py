@@ -142,6 +142,7 @@ class FirstBlockCache:
     states: dict[str, _State] = field(default_factory=lambda: {d: _State() for d in DITS})
     consecutive: int = 0
     reused: list[int] = field(default_factory=list)
+    changes: dict[int, float] = field(default_factory=dict)    # step -> the largest relative change compared
 
     def velocities(self, step: int, calls: list[tuple[str, dict]]) -> list[Any]:
         """`calls`: (DiT, its inputs) for the DiTs this step runs; returns their velocities in that order."""
@@ -154,6 +155,7 @@ class FirstBlockCache:
             changes = [(float(self.backend.download(o["change_l1"])), float(self.backend.download(o["reference_l1"])))
                        for o in outs]
             hit = reuse(changes, self.opts.threshold)
+            self.changes[step] = max(relative_change(c, r) for c, r in changes)
         passed = [{**inputs, **{k: v for k, v in h.items() if k != "first_residual"}} for (_, inputs), h in zip(calls, heads)]
         if hit:
             self.consecutive += 1

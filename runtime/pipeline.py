@@ -36,6 +36,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     batch_index: int = 0                     # image i drew row batch_index + i of the seed's noise stream
     reused_steps: list[list[int]] = field(default_factory=list)   # first-block cache: per batch, steps reused
+    cache_changes: list[dict[int, float]] = field(default_factory=list)   # … and the relative changes compared
 
 
 class Pipeline:
@@ -132,11 +133,12 @@ class Pipeline:
         ids = [list(t) for t in request.ids]
         timings = {"tokenize_s": time.perf_counter() - t0}
         with self._lock:
-            latents, pixels, reused = self._run(ids, request.height, request.width, request.sampling, request.z0,
+            latents, pixels, fbc = self._run(ids, request.height, request.width, request.sampling, request.z0,
                                                 progress, timings)
         timings["total_s"] = time.perf_counter() - t0
         return GenerationResult([Image.fromarray(p) for p in pixels], latents, ids, request.sampling, request.seed,
-                                timings, request.batch_index, reused)
+                                timings, request.batch_index, [f.reused if f else [] for f in fbc],
+                                [f.changes if f else {} for f in fbc])
 
     def _run(self, ids, height, width, sampling: Sampling, z0, progress, timings):
         """Prompts of equal length form one batch (the graphs have no padding mask); each batch runs the
@@ -159,7 +161,7 @@ class Pipeline:
         done, total = 0, len(steps) * len(groups)
         uncond = any(needs_uncond(st.guidance) for st in steps)
         uc = "dit_uncond.head" if self.cache else "dit_uncond"      # the device of the uncond graphs
-        reused = []
+        caches = []
         for n, rows in groups.items():
             B = len(rows)
             t = time.perf_counter()
@@ -206,5 +208,5 @@ class Pipeline:
             pixels[rows] = be.download(img)
             latents[rows] = z_host
             timings["vae_s"] += time.perf_counter() - t
-            reused.append(fbc.reused if fbc else [])
-        return latents, pixels, reused
+            caches.append(fbc)
+        return latents, pixels, caches

@@ -243,3 +243,17 @@ def test_cli_reports_skips_and_records_the_cache(tiny_engines, tmp_path):
                           str(tmp_path / "b.png"), "--cache-threshold", "-1"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "cache threshold=-1.0 outside the allowed range" in bad.stderr
     assert not (tmp_path / "b.png").exists()
+
+
+def test_quantizing_ops_carry_their_own_types(tiny_w8a8_engines):
+    """The head of a cuda_fused_w8a8 twin hands block 1's e4m3 activation and its fp32 row scales to the body:
+    declared as what GatedResidualModulateFp8 produces (bf16 h, e4m3 codes, fp32 scales), not as bf16."""
+    m = load_manifest(tiny_w8a8_engines)
+    g = onnx.load(str(m.graph_path("dit_cond.head", "cuda_fused_w8a8")), load_external_data=False).graph
+    node = next(n for n in g.node if n.op_type == "GatedResidualModulateFp8")
+    declared = {o.name: o.type.tensor_type.elem_type for o in g.output}
+    T = onnx.TensorProto
+    assert [declared[o] for o in node.output] == [T.BFLOAT16, T.FLOAT8E4M3FN, T.FLOAT]
+    body = onnx.load(str(m.graph_path("dit_cond.body", "cuda_fused_w8a8")), load_external_data=False).graph
+    takes = {i.name: i.type.tensor_type.elem_type for i in body.input}
+    assert all(takes[o] == declared[o] for o in node.output)

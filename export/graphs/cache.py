@@ -21,11 +21,35 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from .builder import F32, GraphBuilder
-from .fuse import _dtypes
+from .builder import BF16, F32, FP8, GraphBuilder
+from .fuse import _attr
+from .rewrite import _toposort
 
 PIECES = ("head", "body", "tail")
 RESIDUAL_SHAPE = ["batch", "sequence", "hidden"]
+
+
+# outputs of the op library's quantizing ops (export/graphs/w8a8.py), None = the first input's type
+_OUTPUT_TYPES = {"Fp8QuantizeRows": (FP8, F32), "NormModulateFp8": (FP8, F32), "SwiGLUFp8": (FP8, F32),
+                 "GatedResidualModulateFp8": (None, FP8, F32), "Fp8RowScaledMatMul": (BF16,)}
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every value, carried by hand (ONNX's inference stops at contrib and custom ops): a
+    Cast gives its `to`, a Shape int64, a DequantizeLinear its scale's type, the W8A8 ops their own, every other
+    op of these graphs its first input's type."""
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    types.update({v.name: v.type.tensor_type.elem_type for v in model.graph.input})
+    for n in _toposort(list(model.graph.node)):
+        first = next((types[i] for i in n.input if i in types), None)
+        fixed = _OUTPUT_TYPES.get(n.op_type) if n.domain == "ideogram4" else None
+        for j, o in enumerate(n.output):
+            t = (fixed[j] or first if fixed else _attr(n, "to") if n.op_type == "Cast" else
+                 onnx.TensorProto.INT64 if n.op_type == "Shape" else
+                 types.get(n.input[1]) if n.op_type == "DequantizeLinear" else first)
+            if t is not None:
+                types[o] = t
+    return types
 
 
 def _ancestors(nodes: list[onnx.NodeProto], values) -> set[int]:
@@ -76,7 +100,7 @@ def split_first_block(model: onnx.ModelProto, marks: dict[str, str], regular_inp
     c0, c1, c2 = marks["blocks_in"], marks["first_block_out"], marks["blocks_out"]
     if c1 == c2:
         raise ValueError("the first-block cache needs at least two DiT blocks")
-    types = _dtypes(model)
+    types = _value_types(model)
     outputs = [o.name for o in model.graph.output]
     every = set(range(len(nodes)))
     head = _ancestors(nodes, [c1])
