@@ -112,11 +112,14 @@ def split_first_block(model: onnx.ModelProto, marks: dict[str, str], regular_inp
         raise ValueError(f"{model.graph.name}: the cut values {c0!r}, {c1!r}, {c2!r} are not in this graph")
     if read(tail) & produced(body - tail) - {c2}:
         raise ValueError(f"{model.graph.name}: the final layer reads block values other than the last output")
-    carried = [o for k in sorted(head) for o in nodes[k].output if o in read(body) and o != c1]
+    body_reads = read(body)
+    carried = [o for k in sorted(head) for o in nodes[k].output if o in body_reads and o != c1]
     names = {c1: "hidden", **{v: f"carry_{i}" for i, v in enumerate(carried)}}
     graph_in = {i.name: i for i in model.graph.input}
     regular = [graph_in[n] for n in regular_inputs]
-    weights = lambda ks: [i for n, i in graph_in.items() if n not in regular_inputs and n in read(ks)]  # noqa: E731
+    def weights(ks) -> list:         # a *_dql twin's bf16 weight inputs that these nodes read
+        reads = read(ks)
+        return [i for n, i in graph_in.items() if n not in regular_inputs and n in reads]
     carry_vi = [_vi(names[v], types[v]) for v in carried]
     hidden_vi = _vi("hidden", types[c1])
 
