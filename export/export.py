@@ -33,6 +33,7 @@ from ..runtime.tempfiles import temp_name
 from .checkpoint import Checkpoint, Component, TensorSource, open_checkpoint
 from .dit import rope_inv_freq
 from .files import recover_dir, replace_dir, sha256_file
+from .first_block_cache import write_ops, write_pieces
 from .fp8 import quantize_rows
 from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
 from .graphs.rewrite import (bf16_to_fp32_emulation, cpu_dequantized_at_load, cuda_dequantized_at_load, for_cuda,
@@ -326,12 +327,12 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
             if table:
                 components[name]["dequantize"] = {"graph": dequantize, "weights": table}
             if name in CACHED:
-                components[name]["first_block_cache"] = _write_cache_pieces(name, twins, builder.marks, ins, outs, table, tmp)
+                components[name]["first_block_cache"] = write_pieces(name, twins, builder.marks, ins, outs, table, tmp)
             log(f"{name}: {builder.weight_bytes / 1e6:.1f} MB of weights "
                 f"({builder.weight_bytes / comp.files.nbytes:.3f}x the checkpoint's), "
                 f"{time.perf_counter() - t0:.1f} s")
         components["guided_step"] = _write_guided_step(tmp, graph_use)
-        cache_ops = _write_cache_ops(tmp)
+        cache_ops = write_ops(tmp)
         engines = _carry_engines(old, out, tmp)
         shutil.copytree(ckpt.root / "tokenizer", tmp / "tokenizer")
         static = _static_sections(ckpt)
@@ -410,53 +411,6 @@ def _write_guided_step(folder: Path, graph_use: dict[str, str]) -> dict:
             "outputs": [f32("next_latents", "z + (g*v_c + (1-g)*v_u)*dt")],
             "call": "every step after both DiTs (optional: the same update on the host gives identical numbers)",
             "cache_key": exporter_fingerprint(), "weights": "none", "initializer_bytes": 0, "checkpoint_bytes": 0}
-
-
-def _write_cache_pieces(name: str, twins: dict[str, onnx.ModelProto], marks: dict[str, str], ins: list,
-                        outs: list, table: list[dict], folder: Path) -> dict:
-    """Every twin of a DiT cut into head, body and tail (graphs/cache.py), all reading `<name>.onnx.data`; a
-    *_dql piece's FP8 weights are the entries of the component's table that it takes (named per variant)."""
-    from .graphs.cache import PIECES, split_first_block
-    regular = [io["name"] for io in ins]
-    section: dict[str, dict] = {p: {"graphs": {}} for p in PIECES}
-    written: dict[bytes, str] = {}
-    for variant, model in twins.items():
-        for piece, m in split_first_block(model, marks, regular).items():
-            data = m.SerializeToString()
-            if data not in written:
-                written[data] = f"{name}.{piece}.{variant}.onnx"
-                (folder / written[data]).write_bytes(data)
-            section[piece]["graphs"][variant] = _file_entry(folder / written[data])
-            if variant.endswith(LOAD_DEQUANTIZED):     # a fused twin's head also takes block 1's adaLN weights
-                takes = {i.name for i in m.graph.input}
-                section[piece].setdefault("dequantize_inputs", {})[variant] = [w["input"] for w in table
-                                                                              if w["input"] in takes]
-    carry = "carry_<i>: the head's values that later nodes read (the variant's own; pass every one on)"
-    hidden = _io("hidden", "float32|bfloat16", ["batch", "sequence", "hidden"],
-                 "block 0's output (the variant's dtype), from the head")
-    residual = lambda n, m: _io(n, "float32", ["batch", "sequence", "hidden"], m)   # noqa: E731
-    section["head"].update(inputs=ins, outputs=[hidden, residual("first_residual", "hidden - block 0's input"),
-                                                _io("carry_<i>", "any", [], carry)])
-    section["body"].update(inputs=[*ins, hidden, _io("carry_<i>", "any", [], carry)],
-                           outputs=[*outs, residual("body_residual", "last block's output - hidden")])
-    section["tail"].update(inputs=[*ins, hidden, residual("body_residual", "a cached (or extrapolated) body residual"),
-                                   _io("carry_<i>", "any", [], carry)], outputs=outs)
-    return section
-
-
-def _write_cache_ops(folder: Path) -> dict:
-    """The first-block cache's weightless fp32 graphs (graphs/cache.py), one file each for every backend."""
-    from .graphs.cache import build_residual_change, build_residual_extrapolate
-    out = {"decision": "per step run both heads; reuse the bodies' residuals (tail instead of body) when "
-                       "max over the DiTs run of change_l1 / reference_l1 < threshold, after warm-up and within "
-                       "the cap on consecutive reused steps (runtime/cache.py)"}
-    for name, build in (("residual_change", build_residual_change), ("residual_extrapolate", build_residual_extrapolate)):
-        g = build()
-        g.save(folder / f"{name}.onnx")
-        out[name] = {"graph": _file_entry(folder / f"{name}.onnx"),
-                     "inputs": [_io(i.name, "float32", [], "") for i in g.inputs],
-                     "outputs": [_io(o.name, "float32", [], "") for o in g.outputs]}
-    return out
 
 
 def _carry_engines(old: dict | None, out: Path, tmp: Path) -> dict | None:
