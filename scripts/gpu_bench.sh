@@ -21,6 +21,11 @@
 #             identical to cuda_w8a8); PRECISION=w8a8 makes `prepare` export the cuda_w8a8 and cuda_fused_w8a8
 #             graphs, runtime-w8a8 runs them (cuda_fused_w8a8), runtime-w8a8-stock the cuda_w8a8 ones,
 #             w8a8-deviation compares runtime-w8a8's latents and images with `runtime`'s
+#   cache   : scripts/cache_bench.py (issue 21, ~4-5 min on the full model): a guidance-1 run in its own process
+#             (dit_uncond never loaded: load time, memory), then ONE load with the first-block cache pieces and a
+#             threshold sweep (CACHE_ARGS, default 0,0.05,0.08,0.12,0.2,0.7,10 and TaylorSeer at 0.12 and 10) on
+#             1024x1024 V4_DEFAULT_20 and V4_QUALITY_48; writes cache_report.md. Run `runtime` with
+#             CASES=1024x1024:V4_DEFAULT_20 before it to compare threshold 0 with the full graphs bit for bit
 #   check   : scripts/gpu_dequant_check.py on the tiny model (seconds): the cuda twin's FP8 MatMuls, no Memcpy,
 #             no weight Transpose left after onnxruntime's optimizations; latents vs dequantize_at_load
 # Every stage copies results.jsonl and report.md to $OUT.
@@ -57,6 +62,9 @@ for stage in "$@"; do
     memory)   python3 scripts/runtime_memory.py --engines "$ROOT/engines" | tee "${OUT:-/tmp}/memory.jsonl" || rc=$? ;;
     runtime-dqload-cfg) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true --option uncond_device_id=1 || rc=$? ;;
     probe)    python3 scripts/gpu_op_probe.py --out "$ROOT/probe.jsonl" ${PROBE_ONLY:+--only "$PROBE_ONLY"} || rc=$?; cp "$ROOT/probe.jsonl" "${OUT:-/tmp}"/ ;;
+    cache)    python3 scripts/cache_bench.py guidance1 --root "$ROOT" || rc=$?
+              python3 scripts/cache_bench.py sweep --root "$ROOT" ${CACHE_ARGS:-} || rc=$?
+              python3 scripts/cache_bench.py report --root "$ROOT" > "${OUT:-/tmp}/cache_report.md" || rc=$? ;;
     profile)  $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 || rc=$? ;;
     profile-w8a8) $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 --option precision=w8a8 || rc=$? ;;
   esac

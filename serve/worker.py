@@ -20,6 +20,7 @@ from typing import AsyncIterator
 
 from PIL import Image, PngImagePlugin
 
+from ..runtime.cli import cache_label
 from ..runtime.pipeline import Pipeline
 from .request import MODEL_ID, OUTPUT_FORMATS, Request
 
@@ -99,7 +100,7 @@ class Worker:
                 "mu": str(s.mu), "std": str(s.std), "guidance": ",".join(map(str, s.guidance)),
                 "size": f"{req.width}x{req.height}", "backend": self.pipe.backend.name,
                 "model": MODEL_ID + (" SYNTHETIC weights" if self.synthetic else ""),
-                "seed_generator": "numpy PCG64 standard_normal"}
+                "first_block_cache": cache_label(self.pipe.cache), "seed_generator": "numpy PCG64 standard_normal"}
         images = [encode_image(img, req.output_format, meta) for img in r.images]
         timings = {k: v for k, v in r.timings.items() if k != "step_s"}
         timings["encode_s"] = time.perf_counter() - t
