@@ -14,6 +14,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..runtime.contract import TOKEN_CHANNELS
 from .inventory import TensorSpec
 
 COMPUTE_DTYPE = torch.bfloat16
@@ -33,7 +34,7 @@ class DiTConfig:
     num_heads: int = 18
     intermediate_size: int = 12288
     adanln_dim: int = 512
-    in_channels: int = 128
+    in_channels: int = TOKEN_CHANNELS
     llm_features_dim: int = 53248
     rope_theta: float = 5_000_000.0
     mrope_section: tuple[int, int, int] = (24, 20, 20)

@@ -26,6 +26,8 @@ from tqdm import tqdm
 
 from ..runtime import latents as latent_tables
 from ..runtime.manifest import FORMAT_VERSIONS, FUSED, LOAD_DEQUANTIZED  # _dql: <c>.<twin>_dql.onnx, FP8 weights as bf16 inputs
+from ..runtime.contract import TOKEN_CHANNELS, file_identity
+from ..runtime.schema import SCHEMA_FILE
 from ..runtime.packing import MAX_ASPECT, MAX_SIDE, MAX_TEXT_TOKENS, MIN_SIDE, PIXELS_PER_TOKEN
 from ..runtime.schedule import DEFAULT_PRESET, PRESETS, TAU_MAX, TAU_MIN
 from ..runtime.errors import check_interrupted
@@ -48,7 +50,7 @@ SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond
 WEIGHT_MODES = ("fp8", "keep")
 PRECISIONS = ("faithful", "w8a8")       # w8a8: also the cuda_w8a8 twins (FP8 activations; numerics change)
 PRECISION_VARIANTS = {"faithful": {}, "w8a8": {"cuda_w8a8": for_cuda_w8a8, "cuda_fused_w8a8": for_cuda_fused_w8a8}}
-SCHEMA = Path(__file__).with_name("manifest.schema.json")
+SCHEMA = SCHEMA_FILE       # the manifest's JSON schema (runtime/manifest.schema.json: the contract's home)
 VARIANTS = {"cuda": for_cuda, "cpu": bf16_to_fp32_emulation,       # graph file suffix -> rewrite of the bf16 graph
             "cuda" + LOAD_DEQUANTIZED: cuda_dequantized_at_load, "cpu" + LOAD_DEQUANTIZED: cpu_dequantized_at_load,
             "cuda" + FUSED: for_cuda_fused, "cuda" + FUSED + LOAD_DEQUANTIZED: cuda_fused_dequantized_at_load}
@@ -140,7 +142,7 @@ def component_io(name: str, ckpt: Checkpoint) -> tuple[list, list, str]:
         call = ("every step, at the step's tau: " + ("conditional branch v_c" if name == "dit_cond" else
                 "unconditional branch v_u (image tokens only, separate weights)"))
         return ins, outs, call
-    return ([_io("latents", "float32", ["batch", "grid_h", "grid_w", 128],
+    return ([_io("latents", "float32", ["batch", "grid_h", "grid_w", TOKEN_CHANNELS],
                  "final sampler state z (batch, grid_h*grid_w, 128) viewed as a grid; de-normalised and "
                  "unpatchified inside the graph")],
             [_io("image", "uint8", ["batch", "height", "width", 3], "RGB pixels, height = 16*grid_h, width = 16*grid_w")],
@@ -172,9 +174,11 @@ def exporter_fingerprint() -> str:
     h = hashlib.sha256()
     root = Path(__file__).parent
     # engines/ builds from the exported graphs and keeps its own build keys: not part of the graphs' source
-    for f in sorted(p for p in root.rglob("*.py") if p.relative_to(root).parts[0] != "engines") + [SCHEMA]:
+    for f in sorted(p for p in root.rglob("*.py") if p.relative_to(root).parts[0] != "engines"):
         h.update(f.relative_to(root).as_posix().encode())
         h.update(f.read_bytes())
+    h.update(SCHEMA.name.encode())
+    h.update(SCHEMA.read_bytes())
     return h.hexdigest()
 
 
@@ -394,7 +398,7 @@ def _write_guided_step(folder: Path, graph_use: dict[str, str]) -> dict:
     path = folder / "guided_step.onnx"
     build_guided_step().save(path)
     entry = _file_entry(path)
-    f32 = lambda n, m, shape=("batch", "image_tokens", 128): _io(n, "float32", list(shape), m)  # noqa: E731
+    f32 = lambda n, m, shape=("batch", "image_tokens", TOKEN_CHANNELS): _io(n, "float32", list(shape), m)  # noqa: E731
     return {"graphs": {v: entry for v in graph_use},
             "inputs": [f32("latents", "z"), f32("velocity_cond", "dit_cond output"),
                        f32("velocity_uncond", "dit_uncond output"),
@@ -428,8 +432,8 @@ def _weights_summary(modes: set[str]) -> str:
 
 
 def _stat_key(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    resolved, _, _, size, mtime_ns, _ = file_identity(path)
+    return f"{resolved}|{size}|{mtime_ns}"
 
 
 def _known_hashes(old: dict | None) -> dict[str, str]:

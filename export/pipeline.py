@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..runtime import latents as latent_math
+from ..runtime.contract import TOKEN_CHANNELS
 from ..runtime.packing import MAX_TEXT_TOKENS, check_size, pack, token_grid
 from ..runtime.schedule import DEFAULT_PRESET, get_preset, plan, resolution_mu
 from .checkpoint import open_checkpoint
@@ -24,7 +25,7 @@ from .dit import Ideogram4Transformer, load_dit
 from .text_encoder import TextEncoder, load_text_encoder
 from .vae import Decoder, load_decoder, postprocess
 
-NOISE_CHANNELS = 128
+NOISE_CHANNELS = TOKEN_CHANNELS
 
 
 def chat_messages(prompt: str) -> list[dict]:

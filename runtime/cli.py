@@ -42,23 +42,25 @@ def output_paths(output: str, n: int) -> list[Path]:
     return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
 
 
+FLAGS = {"uncond_device_id": "--uncond-device", "dequantize_at_load": "--dequantize-at-load",
+         "precision": "--precision"}        # backend option -> the generate flag that sets it
+
+
 def _backend_options(args) -> dict:
-    options = {}
-    if args.uncond_device is not None:
-        if args.backend != "onnxruntime-cuda":
-            raise ValueError(f"--uncond-device needs --backend onnxruntime-cuda (got --backend {args.backend})")
-        if args.uncond_device < 0:
-            raise ValueError(f"--uncond-device {args.uncond_device}: a GPU index must be >= 0")
-        options["uncond_device_id"] = args.uncond_device
-    if args.dequantize_at_load:
-        if not args.backend.startswith("onnxruntime-"):
-            raise ValueError(f"--dequantize-at-load needs --backend onnxruntime-cuda or onnxruntime-cpu "
-                             f"(got --backend {args.backend})")
-        options["dequantize_at_load"] = True
-    if args.precision != "faithful":
-        if args.backend != "onnxruntime-cuda":
-            raise ValueError(f"--precision {args.precision} needs --backend onnxruntime-cuda (got --backend {args.backend})")
-        options["precision"] = args.precision
+    """The backend options the flags ask for; one the chosen backend does not take is refused before loading
+    (backends declare their options; with `auto` the chosen backend says which it ignored)."""
+    from . import backends
+
+    if args.uncond_device is not None and args.uncond_device < 0:
+        raise ValueError(f"--uncond-device {args.uncond_device}: a GPU index must be >= 0")
+    given = {"uncond_device_id": args.uncond_device, "dequantize_at_load": args.dequantize_at_load,
+             "precision": args.precision}
+    options = {k: v for k, v in given.items() if v not in (None, False, "faithful")}
+    for option, value in options.items():
+        where = backends.taking(option)
+        if args.backend != "auto" and args.backend not in where:
+            shown = FLAGS[option] + (f" {value}" if isinstance(value, str) else "")
+            raise ValueError(f"{shown} needs --backend {' or '.join(where)} (got --backend {args.backend})")
     return options
 
 
@@ -101,7 +103,7 @@ def cmd_generate(args) -> int:
     args.bar = _ProgressBar() if show else None
     result = pipe.run(request, args.bar)
     s = result.sampling
-    precision = getattr(pipe.backend, "precision", "faithful")      # what ran (w8a8 may have fallen back)
+    precision = pipe.backend.precision      # what ran (w8a8 may have fallen back)
     errors.check_interrupted()
     save_pngs([(image, out, png_metadata(request, i, pipe.backend.name, bool(synthetic), precision))
                for i, (image, out) in enumerate(zip(result.images, outputs))])

@@ -135,7 +135,7 @@ def cmd_runtime(a) -> None:
                "load_s": pipe.load_seconds, "cold_start_s": cold,
                "flops_cond": dit_flops(cfg, T + N, T), "flops_uncond": dit_flops(cfg, N, 0),
                "gpu_mem_used_mib": (mem or [None])[0], "gpu_mem_used_mib_all": mem,
-               "gpu_mem_after_warmup_mib_all": warm_mem, "precision": getattr(pipe.backend, "precision", None)}
+               "gpu_mem_after_warmup_mib_all": warm_mem, "precision": pipe.backend.precision}
         np.save(root / f"latents_{rec['kind'].replace(' ', '_')}_{w}x{h}_{preset}.npy", res.latents)
         np.save(root / f"image_{rec['kind'].replace(' ', '_')}_{w}x{h}_{preset}.npy", np.asarray(res.images[0]))
         record(root, rec)

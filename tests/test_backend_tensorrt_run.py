@@ -307,3 +307,21 @@ def test_rtx_validity_diagnostics_are_told_apart(monkeypatch, tmp_path, reasons,
     if absent:
         assert absent not in str(e.value)
     assert "deserialize_cuda_engine" not in trace.kinds()          # refused on the header, before deserializing
+
+
+# ---------------------------------------------------------------------------------------------- auto and options
+
+def test_auto_hands_tensorrt_only_its_options_and_names_the_rest(gpu, tmp_path):
+    """`create("auto", m, dequantize_at_load=True)` once raised TypeError from TensorRTBackend; now TensorRT (chosen:
+    it runs here) gets only its own options and one warning names the ignored ones."""
+    from ideogram4_engine.runtime import backends
+    trace, trt, rt = gpu
+    with pytest.warns(backends.OptionsIgnored) as w:
+        be = backends.create("auto", _manifest(tmp_path, trt), dequantize_at_load=True, uncond_device_id=1,
+                             cuda_graphs=True, shared_arena=True)
+    assert isinstance(be, T.TensorRTBackend) and be.cuda_graphs is True
+    assert [str(x.message) for x in w] == ["backend auto chose tensorrt, which does not take dequantize_at_load, "
+                                           "uncond_device_id: ignored"]      # shared_arena=True is the default
+    with pytest.raises(ValueError, match=r"dequantize_at_load=True needs backend onnxruntime-cuda or "
+                                         r"onnxruntime-cpu \(not tensorrt\)"):
+        backends.create("tensorrt", _manifest(tmp_path, trt), dequantize_at_load=True)

@@ -260,6 +260,7 @@ def test_verify_streams_in_chunks(copy, monkeypatch):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(manifest_mod, "open", lambda *a, **k: Spy(real_open(*a, **k)), raising=False)
+    from ideogram4_engine.runtime import contract
+    monkeypatch.setattr(contract, "open", lambda *a, **k: Spy(real_open(*a, **k)), raising=False)
     verify(m, ["vae_decoder.onnx.data"])
     assert sizes and max(sizes) == 4096 and len(sizes) > (copy / "vae_decoder.onnx.data").stat().st_size // 4096

@@ -5,9 +5,10 @@ z' = z + (g·v_c + (1 − g)·v_u)·dt, all fp32, in exactly the reference's ope
 """
 from __future__ import annotations
 
+from ...runtime.contract import TOKEN_CHANNELS
 from .builder import F32, GraphBuilder
 
-SHAPE = ["batch", "image_tokens", 128]
+SHAPE = ["batch", "image_tokens", TOKEN_CHANNELS]
 
 
 def build_guided_step() -> GraphBuilder:

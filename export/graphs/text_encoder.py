@@ -33,7 +33,6 @@ from .builder import F32, I64, GraphBuilder
 from .layers import apply_rope, linear, rms_norm, signed_sin, silu, to_bf16
 
 ATTENTION_FORMS = ("op", "matmul")
-MAX_TEXT_TOKENS = 2048          # per prompt, chat template included (spec §3.2, trap 25)
 
 
 def _text_config(config):

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import kernels
 from ..manifest import LOAD_DEQUANTIZED
-from .base import BackendUnavailable
+from .base import Backend, BackendUnavailable
 from .cuda_graphs import GraphRunner
 
 VARIANT = {"cpu": "cpu", "cuda": "cuda"}
@@ -31,7 +31,13 @@ PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 GRAPH_COMPONENTS = ("dit_cond", "dit_uncond")     # captured with cuda_graph=True (one call per step each)
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
+    NAMES = ("onnxruntime-cuda", "onnxruntime-cpu")
+    FIXED = ("device",)
+    NAME_ONLY = {o: ("onnxruntime-cuda",) for o in ("uncond_device_id", "fused_kernels", "kernels_library",
+                                                    "precision", "cuda_graph")}
+    takes_before_load = True
+
     def __init__(self, manifest, device: str = "cpu", device_id: int = 0, threads: int | None = None,
                  components: tuple[str, ...] | None = None,
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
