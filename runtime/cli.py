@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--uncond-device", type=int, default=None,
                    help="onnxruntime-cuda: run the unconditional DiT on this GPU, concurrently (CFG-parallel)")
     g.add_argument("--dequantize-at-load", action="store_true",
-                   help="onnxruntime: dequantize the FP8 weights once at load, on the device (H100, 1024²: -4%% step "
-                        "time, 58.5 instead of 32.5 GiB; the CPU results are bit for bit the default's)")
+                   help="onnxruntime: dequantize the FP8 weights once at load, on the device (faster steps, about twice "
+                        "the weight memory: docs/figures.md; the CPU results are bit for bit the default's)")
     g.add_argument("--precision", default="faithful", choices=["faithful", "w8a8"],
                    help="onnxruntime-cuda: w8a8 runs the DiT blocks' linears with FP8 activations on FP8 tensor cores "
                         "(opt-in: the numbers change; needs an export with --precision w8a8; docs/runtime.md); "

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -57,7 +55,7 @@ def noise_for(w: int, h: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------- prepare
 
 def cmd_prepare(a) -> None:
-    import shutil
+    from ideogram4_engine.export.devtools import checkpoint_and_export
     from ideogram4_engine.export.synthetic.writer import write_checkpoint
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -67,14 +65,9 @@ def cmd_prepare(a) -> None:
         write_checkpoint(root / "ckpt", a.config, seed=0, device=a.device)
     write_s = time.perf_counter() - t
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "ideogram4_engine.export", "--checkpoint", str(root / "ckpt"),
-                        "--out", str(root / "engines"), "--no-progress", "--precision", a.precision],
-                       capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(r.stderr)
+    checkpoint_and_export(root, a.config, device=a.device, precision=a.precision, export_again=True)
     record(root, {"kind": "prepare", "config": a.config, "checkpoint_write_s": write_s,
                   "export_s": time.perf_counter() - t})
-    del shutil
 
 
 # ------------------------------------------------------------------------------------------------- timers
@@ -251,11 +244,8 @@ def _profile_kernels(pipe, root: Path, size: str, runs: int = 3) -> None:
 
 
 def _nvidia_smi_used():
-    try:
-        return [int(x) for x in subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                               capture_output=True, text=True, timeout=20).stdout.split()]
-    except Exception:  # noqa: BLE001 -- no GPU / no nvidia-smi
-        return None
+    from ideogram4_engine.export.devtools import gpu_memory_used_mib
+    return gpu_memory_used_mib()
 
 
 # ------------------------------------------------------------------------------------------------- reference
@@ -392,6 +382,8 @@ def cmd_report(a) -> None:
                          ", ".join(f"{k} {v:.1f} ms" for k, v in r["by_op_ms"].items()))
     text = "\n".join(lines + ratio + extra)
     (root / "report.md").write_text(text + "\n")
+    from ideogram4_engine.export.charts import chart_rows, svg_chart
+    (root / "chart.svg").write_text(svg_chart(chart_rows(recs), a.title or f"bench: {root.name}"))
     print(text)
 
 
@@ -417,7 +409,8 @@ def main() -> None:
     pr.add_argument("--backend", default="auto")
     pr.add_argument("--size", default="1024x1024")
     pr.add_argument("--option", action="append", default=[], help="backend option key=value (as for runtime)")
-    sub.add_parser("report")
+    r = sub.add_parser("report", help="report.md (tables) and chart.svg (step, image time, memory per path)")
+    r.add_argument("--title", default=None, help="the chart's title (default: the folder's name)")
     for s in sub.choices.values():
         s.add_argument("--root", default="/tmp/ideogram4_bench")
     a = ap.parse_args()

@@ -242,15 +242,12 @@ def check_tiny_pipeline(root: Path) -> dict:
     """The runtime end to end on the tiny synthetic model exported with --precision w8a8 (seconds): the W8A8
     graphs load and run (precision stays w8a8), their latents are finite and near the faithful ones, and a
     missing library gives the warning and the faithful graphs."""
-    import subprocess
     import warnings
     from ideogram4_engine.runtime.pipeline import Pipeline
     eng = root / "engines"
     if not (eng / "manifest.json").exists():
-        from ideogram4_engine.export.synthetic.writer import write_checkpoint
-        write_checkpoint(root / "ckpt", "tiny", seed=0)
-        subprocess.run([sys.executable, "-m", "ideogram4_engine.export", "--checkpoint", str(root / "ckpt"), "--out",
-                        str(eng), "--no-progress", "--precision", "w8a8"], check=True, capture_output=True)
+        from ideogram4_engine.export.devtools import checkpoint_and_export
+        checkpoint_and_export(root, "tiny", precision="w8a8")
     kw = dict(width=256, height=256, steps=3, guidance=(3.0, 5.0, 7.0), seed=3)
     faithful = Pipeline(eng, backend="onnxruntime-cuda").generate("a lighthouse at dusk", **kw).latents
     runs = {}

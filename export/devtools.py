@@ -1,0 +1,40 @@
+"""Helpers the scripts share (scripts/README.md): a synthetic checkpoint written and exported in one call, and the
+GPU memory in use as nvidia-smi reports it."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def checkpoint_and_export(root: Path, config: str, *, device: str = "cpu", precision: str = "faithful",
+                          seed: int = 0, export_again: bool = False) -> Path:
+    """`<root>/ckpt` (the synthetic `config` checkpoint, written unless there) exported to `<root>/engines`
+    unless that already has a manifest (export_again: always; unchanged components are reused); returns the
+    engines folder. The export runs as `python -m
+    ideogram4_engine.export` (its own process: its memory is returned); its stderr ends a failure."""
+    from .synthetic.writer import write_checkpoint
+
+    root = Path(root)
+    ckpt, engines = root / "ckpt", root / "engines"
+    if not (ckpt / "synthetic.json").exists():
+        write_checkpoint(ckpt, config, seed=seed, device=device)
+    if export_again or not (engines / "manifest.json").exists():
+        r = subprocess.run([sys.executable, "-m", "ideogram4_engine.export", "--checkpoint", str(ckpt), "--out",
+                            str(engines), "--no-progress", "--precision", precision], capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(r.stderr)
+    return engines
+
+
+def gpu_memory_used_mib() -> list[int] | None:
+    """MiB in use on each GPU (nvidia-smi), or None where there is no GPU or no nvidia-smi."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    return [int(x) for x in out.split()]
