@@ -15,7 +15,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..runtime.contract import TOKEN_CHANNELS
+from .fp8 import swap_linears
 from .inventory import TensorSpec
+from .safetensors_files import load_tensors
 
 COMPUTE_DTYPE = torch.bfloat16
 TEXT_INDICATOR, IMAGE_INDICATOR, REFERENCE_INDICATOR = 3, 2, 4
@@ -304,9 +306,6 @@ def load_dit(component, device: str = "cpu") -> Ideogram4Transformer:
     """Build the DiT for a validated checkpoint component (see checkpoint.open_checkpoint) and load its
     weights: FP8 Linears where the checkpoint has scales (any subset, like the official loader), bf16
     everything else. Built on the meta device, so the weights are allocated once, where they are loaded."""
-    from .checkpoint import load_tensors
-    from .fp8 import swap_linears
-
     with torch.device("meta"):
         model = Ideogram4Transformer(component.config)
     swap_linears(model, {n[: -len(".weight")] for n in component.quantized})

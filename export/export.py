@@ -39,7 +39,10 @@ from .fp8 import quantize_rows
 from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
 from .graphs.rewrite import (bf16_to_fp32_emulation, cpu_dequantized_at_load, cuda_dequantized_at_load, for_cuda,
                              fp8_weights)
-from .graphs.fuse import cuda_fused_dequantized_at_load, for_cuda_fused, kernels_section
+from ..runtime.kernels import LIBRARY_NAME, W8A8_VARIANT
+from .graphs.fuse import DOMAIN as FUSED_DOMAIN, OP_VERSION as FUSED_OP_VERSION, OPS as FUSED_OPS
+from .graphs.fuse import cuda_fused_dequantized_at_load, for_cuda_fused
+from .graphs.w8a8 import FUSED_PRODUCERS, OPS as W8A8_OPS
 from .graphs.w8a8 import for_cuda_fused_w8a8, for_cuda_w8a8
 from .inventory import scale_name
 
@@ -422,6 +425,18 @@ def _carry_engines(old: dict | None, out: Path, tmp: Path) -> dict | None:
             except OSError:
                 shutil.copy2(f, tmp / f.name)
     return section
+
+
+def kernels_section(precision: str = "faithful") -> dict:
+    """The manifest's `kernels` section: which graph variants need the library and what they call (with
+    precision w8a8 also the W8A8 ops and cuda_w8a8 -> cuda_fused_w8a8)."""
+    variants = {"cuda": "cuda" + FUSED, "cuda" + LOAD_DEQUANTIZED: "cuda" + FUSED + LOAD_DEQUANTIZED}
+    ops = list(FUSED_OPS)
+    if precision == "w8a8":
+        variants[W8A8_VARIANT] = "cuda" + FUSED + "_w8a8"
+        ops += [*W8A8_OPS, *(f for f, _ in FUSED_PRODUCERS.values())]
+    return {"domain": FUSED_DOMAIN, "op_version": FUSED_OP_VERSION, "ops": ops, "library": LIBRARY_NAME,
+            "build": "make kernels (kernels/build.sh); docs/runtime.md", "variants": variants}
 
 
 def _weights_summary(modes: set[str]) -> str:

@@ -20,6 +20,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel, Qwe
 
 from .fp8 import COMPUTE_DTYPE, FP8_DTYPE, swap_linears
 from .inventory import TensorSpec
+from .safetensors_files import COMPONENTS, component_files, load_tensors
 
 OFFICIAL_TAPS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 35)
 NUM_TAPS = len(OFFICIAL_TAPS)
@@ -239,8 +240,6 @@ def load_text_encoder(te_folder: str | Path, device: str = "cpu", attn_implement
     Eager features of a prefix equal the full prompt's bit for bit; sdpa's CPU kernel blocks by sequence
     length, so those differ by bf16 rounding.
     """
-    from .checkpoint import COMPONENTS, component_files, load_tensors
-
     te_folder = Path(te_folder)
     config = load_text_encoder_config(te_folder)
     files = component_files(te_folder, COMPONENTS["text_encoder"])
