@@ -7,7 +7,8 @@
 #   runtime-stock: the same with the stock cuda graphs (fused_kernels=false); runtime-dqload[-stock] likewise
 #   runtime-legacy-norm: the default path with the first (GPU-validated) norm kernels (IDEOGRAM4_KERNELS_LEGACY_NORM=1)
 #   runtime-cudagraph: the default path with the DiT sessions replaying CUDA graphs (cuda_graph=true)
-#   profile : onnxruntime profiler + CUPTI kernels, one dit_cond forward (profile-stock: the stock graphs)
+#   profile : onnxruntime profiler + CUPTI kernels, one dit_cond forward (profile-stock: the stock graphs,
+#             profile-w8a8: the cuda_fused_w8a8 graphs, after PRECISION=w8a8 prepare)
 #   kernels : scripts/gpu_kernel_check.py: each fused op (new and legacy norm kernels, the quantizing *Fp8 ops) vs
 #             the unfused subgraph on CUDA, tiny and full-width end to end (fused vs stock latents), CUDA-graph
 #             capture of the stock and fused full-width dit_cond (bisection to the breaking node if it fails) and
@@ -54,6 +55,7 @@ for stage in "$@"; do
     memory)   python3 scripts/runtime_memory.py --engines "$ROOT/engines" | tee "${OUT:-/tmp}/memory.jsonl" || rc=$? ;;
     runtime-dqload-cfg) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true --option uncond_device_id=1 || rc=$? ;;
     profile)  $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 || rc=$? ;;
+    profile-w8a8) $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 --option precision=w8a8 || rc=$? ;;
   esac
 done
 $B report --root "$ROOT" > /dev/null 2>&1
