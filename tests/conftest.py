@@ -53,3 +53,22 @@ def tiny_w8a8_engines(tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("engines") / "tiny_w8a8"
     export(tiny_checkpoint, out, ExportOptions(progress=False, precision="w8a8"), log=lambda s: None)
     return out
+
+
+HEAVY = ("torch", "transformers", "onnx", "jsonschema")     # what the runtime must never import (ARCHITECTURE.md)
+
+
+@pytest.fixture(scope="session")
+def heavy_imports():
+    """heavy_imports(code) -> the HEAVY packages loaded after running `code` in a fresh interpreter (it must
+    succeed): the one check that the runtime stays lean."""
+    import subprocess
+    import sys
+
+    def run(code: str) -> list[str]:
+        probe = (f"{code}\nimport sys\n"
+                 f"print('LOADED', sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return eval(r.stdout.rsplit("LOADED", 1)[1])
+    return run

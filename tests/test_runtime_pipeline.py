@@ -1,8 +1,6 @@
-"""The lean runtime on onnxruntime CPU: parity with the torch reference, batching, determinism, no torch."""
+"""The lean runtime on onnxruntime CPU: parity with the torch reference, batching, determinism."""
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -147,20 +145,6 @@ def test_numpy_scalars_and_arrays_are_accepted(pipe):
     assert type(r.width) is int and type(r.seed) is int
     assert pipe.prepare("a fox", width=256, height=256, steps=1, guidance=np.float32(7)).sampling.guidance == (7.0,)
 
-
-def test_runtime_never_imports_torch_or_transformers(engines):
-    code = f"""
-import sys
-from ideogram4_engine.runtime.pipeline import Pipeline
-p = Pipeline({str(engines)!r}, backend="onnxruntime-cpu")
-r = p.generate("a fox", width=256, height=256, steps=1, guidance=7.0)
-assert r.images[0].size == (256, 256)
-bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
-print("LOADED", bad)
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "LOADED []" in r.stdout
 
 
 def test_dequantize_at_load_is_bit_identical(engines, pipe):
