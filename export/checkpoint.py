@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .dit import DiTConfig, dit_inventory
+from .reference.dit import DiTConfig, dit_inventory
 from .inventory import FP8_DTYPE, KIND_DTYPES, SCALE_DTYPES, TensorSpec, scale_name
 from .safetensors_files import (COMPONENTS, DTYPE_BYTES, CheckpointError, ComponentFiles, HeaderEntry,  # noqa: F401
                                 TensorSource, component_files, load_tensors, read_safetensors_header)
-from .text_encoder import (is_fp8_weight_only, is_ignored_key, load_text_encoder_config, tap_layers,
+from .reference.text_encoder import (is_fp8_weight_only, is_ignored_key, load_text_encoder_config, tap_layers,
                            text_encoder_inventory)
-from .vae import VAEConfig, vae_inventory
+from .reference.vae import VAEConfig, vae_inventory
 
 DIT_FOLDERS = ("transformer", "unconditional_transformer")
 SYNTHETIC_MARKER = "synthetic.json"

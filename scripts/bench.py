@@ -252,7 +252,7 @@ def _nvidia_smi_used():
 
 def cmd_reference(a) -> None:
     import torch
-    from ideogram4_engine.export.pipeline import ReferencePipeline, SamplingParams
+    from ideogram4_engine.export.reference.pipeline import ReferencePipeline, SamplingParams
     root = Path(a.root)
     cuda = a.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)

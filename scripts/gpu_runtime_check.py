@@ -40,7 +40,7 @@ def main() -> None:
 
     # the torch reference first (then freed): onnxruntime's CUDA arena does not give memory back
     import torch
-    from ideogram4_engine.export.pipeline import ReferencePipeline, SamplingParams
+    from ideogram4_engine.export.reference.pipeline import ReferencePipeline, SamplingParams
     report["device"] = torch.cuda.get_device_name(0)
     ref = ReferencePipeline.from_checkpoint(ck, "cuda")
     ref(prompt, height=512, width=512, params=SamplingParams(1, 0.0, 1.75, (7.0,)), noise=None)   # warm-up

@@ -7,7 +7,7 @@ CPU machine (`make kernels`) and carried (build/kernels/libideogram4_kernels.so:
     python scripts/gpu_w8a8_check.py deviation --root ROOT      # after gpu_bench.sh runtime + runtime-w8a8
 
 kernels, per shape (the DiT's at 1024², M = 4170 tokens, and odd ones):
-* Fp8QuantizeRows: codes and scales bit-identical to the numpy model (export/w8a8_model.py);
+* Fp8QuantizeRows: codes and scales bit-identical to the numpy model (export/reference/w8a8_model.py);
 * Fp8RowScaledMatMul on the kernel's own quantized operands: |y − y64| ≤ gemm_bound (fp32 accumulation of K
   products, one bf16 rounding) against an fp64 product on the GPU, and rel. L2 ≤ 2^-8;
 * the W8A8 linear against the faithful linear's exact value x·(q_w·s_w)ᵀ: |Δ| ≤ linear_bound (e4m3's 3

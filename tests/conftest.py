@@ -29,7 +29,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_checkpoint):
     """ReferencePipeline over the tiny checkpoint (CPU). Shared: tests must not mutate it."""
-    from ideogram4_engine.export.pipeline import ReferencePipeline
+    from ideogram4_engine.export.reference.pipeline import ReferencePipeline
 
     return ReferencePipeline.from_checkpoint(tiny_checkpoint)
 
@@ -38,7 +38,7 @@ def tiny_pipeline(tiny_checkpoint):
 def tiny_engines(tiny_checkpoint, tmp_path_factory) -> Path:
     """`make export` of the tiny checkpoint (ONNX graphs + manifest), once per session. Read-only: tests that
     corrupt or rebuild an engines folder copy it or export their own."""
-    from ideogram4_engine.export.export import ExportOptions, export
+    from ideogram4_engine.export.to_onnx import ExportOptions, export
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
     export(tiny_checkpoint, out, ExportOptions(progress=False), log=lambda s: None)
@@ -48,7 +48,7 @@ def tiny_engines(tiny_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_w8a8_engines(tiny_checkpoint, tmp_path_factory) -> Path:
     """The same export with `--precision w8a8` (adds the cuda_w8a8 and cuda_fused_w8a8 graphs). Read-only."""
-    from ideogram4_engine.export.export import ExportOptions, export
+    from ideogram4_engine.export.to_onnx import ExportOptions, export
 
     out = tmp_path_factory.mktemp("engines") / "tiny_w8a8"
     export(tiny_checkpoint, out, ExportOptions(progress=False, precision="w8a8"), log=lambda s: None)

@@ -24,7 +24,7 @@ def engines(tiny_checkpoint, tmp_path_factory):
     if not HAVE_RTX:
         pytest.skip(NO_RTX)
     from ideogram4_engine.export import engines as E
-    from ideogram4_engine.export.export import ExportOptions, export
+    from ideogram4_engine.export.to_onnx import ExportOptions, export
     out = tmp_path_factory.mktemp("trtrt") / "tiny"
     export(tiny_checkpoint, out, ExportOptions(progress=False), log=lambda s: None)
     E.build_engines(out, "tensorrt-rtx", E.BuildOptions(buckets=E.parse_buckets(BUCKETS), max_text_tokens=64,
@@ -201,7 +201,7 @@ needs_gpu = pytest.mark.skipif(NO_EXEC is not None, reason=f"execution needs a s
 @pytest.fixture(scope="module")
 def full_engines(tiny_checkpoint, tmp_path_factory):
     from ideogram4_engine.export import engines as E
-    from ideogram4_engine.export.export import ExportOptions, export
+    from ideogram4_engine.export.to_onnx import ExportOptions, export
     out = tmp_path_factory.mktemp("trtexec") / "tiny"
     export(tiny_checkpoint, out, ExportOptions(progress=False), log=lambda s: None)
     E.build_engines(out, "tensorrt-rtx", E.BuildOptions(buckets=E.parse_buckets(BUCKETS), max_text_tokens=64),

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ideogram4_engine.export.checkpoint import CheckpointError, open_checkpoint
-from ideogram4_engine.export.dit import DiTConfig, dit_inventory, load_dit
+from ideogram4_engine.export.reference.dit import DiTConfig, dit_inventory, load_dit
 from ideogram4_engine.export.synthetic import writer as writer_mod
 from ideogram4_engine.export.synthetic.common import write_sharded
 from ideogram4_engine.export.synthetic.configs import get_config

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ideogram4_engine.export.checkpoint import CheckpointError, open_checkpoint
-from ideogram4_engine.export.dit import load_dit
-from ideogram4_engine.export.export import ExportOptions, export
-from ideogram4_engine.export.text_encoder import FP8_FLAG, load_text_encoder
-from ideogram4_engine.export.vae import load_decoder
+from ideogram4_engine.export.reference.dit import load_dit
+from ideogram4_engine.export.to_onnx import ExportOptions, export
+from ideogram4_engine.export.reference.text_encoder import FP8_FLAG, load_text_encoder
+from ideogram4_engine.export.reference.vae import load_decoder
 
 VAE_FILE = "diffusion_pytorch_model.safetensors"
 

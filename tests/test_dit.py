@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ideogram4_engine.export.checkpoint import open_checkpoint
-from ideogram4_engine.export.dit import (DiTConfig, dit_inventory, load_dit, mrope_angles, mrope_cos_sin,
+from ideogram4_engine.export.reference.dit import (DiTConfig, dit_inventory, load_dit, mrope_angles, mrope_cos_sin,
                                          quantized_linears, rope_inv_freq, segment_mask, timestep_sinusoid)
 from ideogram4_engine.runtime.packing import pack
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from ideogram4_engine.export import engines as E
-from ideogram4_engine.export.export import ExportOptions, export
+from ideogram4_engine.export.to_onnx import ExportOptions, export
 from ideogram4_engine.runtime.manifest import load_manifest
 
 # Small buckets keep the build at a few seconds; at 256x256 the tiny VAE's single-head attention is *not* fused

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from ideogram4_engine.export import export as export_mod
 from ideogram4_engine.export.checkpoint import CheckpointError
-from ideogram4_engine.export.export import ExportOptions, export, validate_manifest
-from ideogram4_engine.export.pipeline import SamplingParams
+from ideogram4_engine.export.to_onnx import ExportOptions, export, validate_manifest
+from ideogram4_engine.export.reference.pipeline import SamplingParams
 from ideogram4_engine.runtime.packing import token_grid
 from ideogram4_engine.runtime.rope import dit_rope_tables
 from ideogram4_engine.runtime.schedule import plan, resolution_mu

@@ -3,7 +3,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from ideogram4_engine.export.fp8 import FP8Linear, dequantize, quantize_rows
+from ideogram4_engine.export.reference.fp8 import FP8Linear, dequantize, quantize_rows
 
 
 def e4m3_decode(codes: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ideogram4_engine.export.checkpoint import TensorSource, open_checkpoint
-from ideogram4_engine.export.dit import load_dit, rope_inv_freq
+from ideogram4_engine.export.reference.dit import load_dit, rope_inv_freq
 from ideogram4_engine.export.graphs.rewrite import bf16_to_fp32_emulation
 from ideogram4_engine.export.graphs.dit import build_dit
 from ideogram4_engine.runtime.packing import pack, token_grid
@@ -107,7 +107,7 @@ def test_checker_and_polygraphy_by_path(graphs):
 def test_graph_dequantization_is_the_official_formula_bit_for_bit(tmp_path):
     """x = I through the graph's FP8 Linear returns W_eff exactly: DequantizeLinear(e4m3, bf16 scale) is
     bf16(bf16(q)·bf16(s)), identical to the reference's FP8Linear."""
-    from ideogram4_engine.export.fp8 import dequantize, quantize_rows
+    from ideogram4_engine.export.reference.fp8 import dequantize, quantize_rows
     from ideogram4_engine.export.graphs.builder import BF16, F32, GraphBuilder
     from ideogram4_engine.export.graphs.layers import linear, to_bf16
 

@@ -24,7 +24,7 @@ from ideogram4_engine.export.checkpoint import TensorSource, open_checkpoint
 from ideogram4_engine.export.graphs.builder import IR_VERSION, OPSET
 from ideogram4_engine.export.graphs.rewrite import bf16_to_fp32_emulation
 from ideogram4_engine.export.graphs.text_encoder import ATTENTION_FORMS, build_rope_probe, build_text_encoder
-from ideogram4_engine.export.text_encoder import NUM_TAPS, load_text_encoder, tap_layers
+from ideogram4_engine.export.reference.text_encoder import NUM_TAPS, load_text_encoder, tap_layers
 
 FP32_ATTN = "ideogram4_test_fp32_causal"
 

@@ -24,8 +24,8 @@ from ideogram4_engine.export.checkpoint import TensorSource, open_checkpoint
 from ideogram4_engine.export.graphs.builder import F32, GraphBuilder
 from ideogram4_engine.export.graphs.rewrite import bf16_to_fp32_emulation
 from ideogram4_engine.export.graphs.vae import build_vae_decoder, emit_tokens_to_latent
-from ideogram4_engine.export.pipeline import ReferencePipeline, torch_unpatchify
-from ideogram4_engine.export.vae import diffusers_to_native, load_decoder, postprocess
+from ideogram4_engine.export.reference.pipeline import ReferencePipeline, torch_unpatchify
+from ideogram4_engine.export.reference.vae import diffusers_to_native, load_decoder, postprocess
 from ideogram4_engine.runtime import latents as latent_math
 
 ort = pytest.importorskip("onnxruntime")

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from ideogram4_engine.export.dit import mrope_angles, mrope_cos_sin, rope_inv_freq
-from ideogram4_engine.export.pipeline import torch_unpatchify
+from ideogram4_engine.export.reference.dit import mrope_angles, mrope_cos_sin, rope_inv_freq
+from ideogram4_engine.export.reference.pipeline import torch_unpatchify
 from ideogram4_engine.runtime.latents import LATENT_SCALE, LATENT_SHIFT, tokens_to_latent
 from ideogram4_engine.runtime.packing import check_size, pack
 

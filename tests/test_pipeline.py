@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ideogram4_engine.export.pipeline import SamplingParams
+from ideogram4_engine.export.reference.pipeline import SamplingParams
 from ideogram4_engine.runtime.packing import pack
 from ideogram4_engine.runtime.schedule import TAU_MAX, TAU_MIN, plan
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ideogram4_engine.export.dit import rope_inv_freq
+from ideogram4_engine.export.reference.dit import rope_inv_freq
 from ideogram4_engine.runtime import manifest as manifest_mod
 from ideogram4_engine.runtime.manifest import Manifest, ManifestError, forget_verified, load_manifest, verify
 from ideogram4_engine.runtime.packing import MAX_ASPECT, MAX_SIDE, MAX_TEXT_TOKENS, MIN_SIDE, PIXELS_PER_TOKEN

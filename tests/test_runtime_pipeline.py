@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ideogram4_engine.export.pipeline import SamplingParams
+from ideogram4_engine.export.reference.pipeline import SamplingParams
 from ideogram4_engine.runtime.backends import BackendUnavailable
 from ideogram4_engine.runtime.packing import token_grid
 from ideogram4_engine.runtime.pipeline import Pipeline

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ideogram4_engine.export.pipeline import chat_messages
+from ideogram4_engine.export.reference.pipeline import chat_messages
 from ideogram4_engine.runtime.packing import MAX_TEXT_TOKENS
 from ideogram4_engine.runtime.tokenizer import PromptError, PromptTokenizer, TokenizerFilesError
 

@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, Qwen3VLModel, Qwen3VLTextModel
 
-from ideogram4_engine.export.fp8 import FP8Linear
+from ideogram4_engine.export.reference.fp8 import FP8Linear
 from ideogram4_engine.export.synthetic.common import write_sharded
 from ideogram4_engine.export.synthetic.text_encoder import text_encoder_config_json, text_encoder_tensors
-from ideogram4_engine.export.text_encoder import (
+from ideogram4_engine.export.reference.text_encoder import (
     OFFICIAL_TAPS, is_fp8_weight_only, load_text_encoder, load_text_encoder_config, tap_layers,
     text_encoder_inventory)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ideogram4_engine.export.synthetic.vae import TINY_BLOCK_OUT_CHANNELS, vae_config_json, vae_tensors
-from ideogram4_engine.export.vae import (Decoder, VAEConfig, diffusers_to_native, load_decoder, native_state_dict,
+from ideogram4_engine.export.reference.vae import (Decoder, VAEConfig, diffusers_to_native, load_decoder, native_state_dict,
                                          postprocess, vae_inventory)
 
 TINY = VAEConfig(block_out_channels=TINY_BLOCK_OUT_CHANNELS, layers_per_block=2)

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from ideogram4_engine.export.export import ExportOptions, export, validate_manifest
+from ideogram4_engine.export.to_onnx import ExportOptions, export, validate_manifest
 from ideogram4_engine.export.graphs import w8a8 as rw
 from ideogram4_engine.runtime import kernels
 from ideogram4_engine.runtime.manifest import ManifestError, load_manifest

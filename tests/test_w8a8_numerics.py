@@ -1,4 +1,4 @@
-"""The numpy model of the W8A8 kernels (export/w8a8_model.py): its e4m3 encoder against ml_dtypes, the
+"""The numpy model of the W8A8 kernels (export/reference/w8a8_model.py): its e4m3 encoder against ml_dtypes, the
 per-token quantization's rules, and the W8A8 linear against an fp64 reference with the bound derived from
 e4m3's 3 mantissa bits."""
 import ml_dtypes

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..text_encoder import NUM_TAPS, PREFIX, tap_layers, text_dims
+from ..reference.text_encoder import NUM_TAPS, PREFIX, tap_layers, text_dims
 from .builder import F32, I64, GraphBuilder
 from .layers import apply_rope, linear, rms_norm, signed_sin, silu, to_bf16
 

@@ -33,9 +33,9 @@ from ..runtime.schedule import DEFAULT_PRESET, PRESETS, TAU_MAX, TAU_MIN
 from ..runtime.errors import check_interrupted
 from ..runtime.tempfiles import temp_name
 from .checkpoint import Checkpoint, Component, TensorSource, open_checkpoint
-from .dit import rope_inv_freq
+from .reference.dit import rope_inv_freq
 from .files import recover_dir, replace_dir, sha256_file
-from .fp8 import quantize_rows
+from .reference.fp8 import quantize_rows
 from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
 from .graphs.rewrite import (bf16_to_fp32_emulation, cpu_dequantized_at_load, cuda_dequantized_at_load, for_cuda,
                              fp8_weights)
@@ -156,12 +156,12 @@ def _build(name: str, ckpt: Checkpoint, path: Path, opts: ExportOptions, progres
     comp = ckpt.components[SOURCE[name]]
     if name == "text_encoder":
         from .graphs.text_encoder import build_text_encoder
-        from .text_encoder import text_encoder_inventory
+        from .reference.text_encoder import text_encoder_inventory
         src, mode = _source(comp, text_encoder_inventory(comp.config.text_config, True), opts.weights)
         return build_text_encoder(comp.config.text_config, src, path, attention_form=opts.attention_form,
                                   progress=progress), mode
     if name in ("dit_cond", "dit_uncond"):
-        from .dit import dit_inventory
+        from .reference.dit import dit_inventory
         from .graphs.dit import build_dit
         src, mode = _source(comp, dit_inventory(comp.config), opts.weights)
         return build_dit(comp.config, src, path, text=name == "dit_cond", attention_form=opts.attention_form,
@@ -211,7 +211,7 @@ def _tools() -> dict[str, str]:
 
 
 def _model_section(ckpt: Checkpoint) -> dict:
-    from .text_encoder import tap_layers
+    from .reference.text_encoder import tap_layers
     dit = ckpt.components["transformer"].config
     te = ckpt.components["text_encoder"].config.text_config
     return {"dit": {**dit.to_json_dict(), "head_dim": dit.head_dim},
@@ -397,7 +397,7 @@ def _fp8_weight_table(model: onnx.ModelProto) -> list[dict]:
 
 def _write_guided_step(folder: Path, graph_use: dict[str, str]) -> dict:
     """The Euler/CFG update graph (fp32, no weights): one file serves every backend."""
-    from .graphs.step import build_guided_step
+    from .graphs.guided_step import build_guided_step
     path = folder / "guided_step.onnx"
     build_guided_step().save(path)
     entry = _file_entry(path)

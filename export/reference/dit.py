@@ -14,10 +14,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..runtime.contract import TOKEN_CHANNELS
+from ...runtime.contract import TOKEN_CHANNELS
 from .fp8 import swap_linears
-from .inventory import TensorSpec
-from .safetensors_files import load_tensors
+from ..inventory import TensorSpec
+from ..safetensors_files import load_tensors
 
 COMPUTE_DTYPE = torch.bfloat16
 TEXT_INDICATOR, IMAGE_INDICATOR, REFERENCE_INDICATOR = 3, 2, 4

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .inventory import TensorSpec
+from ..inventory import TensorSpec
 
 VAE_CLASS_NAME = "AutoencoderKLFlux2"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"

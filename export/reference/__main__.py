@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from ..runtime import errors
-from ..runtime.cli_args import HelpFormatter, PromptSourceError, add_prompt_arguments, read_prompts
-from ..runtime.image import check_writable, save_png
-from ..runtime.packing import check_size
-from ..runtime.schedule import DEFAULT_PRESET, PRESETS
+from ...runtime import errors
+from ...runtime.cli_args import HelpFormatter, PromptSourceError, add_prompt_arguments, read_prompts
+from ...runtime.image import check_writable, save_png
+from ...runtime.packing import check_size
+from ...runtime.schedule import DEFAULT_PRESET, PRESETS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PromptSourceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return errors.USAGE
-    from .checkpoint import CheckpointError, open_checkpoint
+    from ..checkpoint import CheckpointError, open_checkpoint
     from .pipeline import ReferencePipeline, SamplingParams
 
     try:

@@ -16,11 +16,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..runtime import latents as latent_math
-from ..runtime.contract import TOKEN_CHANNELS
-from ..runtime.packing import MAX_TEXT_TOKENS, check_size, pack, token_grid
-from ..runtime.schedule import DEFAULT_PRESET, get_preset, plan, resolution_mu
-from .checkpoint import open_checkpoint
+from ...runtime import latents as latent_math
+from ...runtime.contract import TOKEN_CHANNELS
+from ...runtime.packing import MAX_TEXT_TOKENS, check_size, pack, token_grid
+from ...runtime.schedule import DEFAULT_PRESET, get_preset, plan, resolution_mu
+from ..checkpoint import open_checkpoint
 from .dit import Ideogram4Transformer, load_dit
 from .text_encoder import TextEncoder, load_text_encoder
 from .vae import Decoder, load_decoder, postprocess

@@ -19,8 +19,8 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel, Qwen3VLTextRotaryEmbedding
 
 from .fp8 import COMPUTE_DTYPE, FP8_DTYPE, swap_linears
-from .inventory import TensorSpec
-from .safetensors_files import COMPONENTS, component_files, load_tensors
+from ..inventory import TensorSpec
+from ..safetensors_files import COMPONENTS, component_files, load_tensors
 
 OFFICIAL_TAPS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 35)
 NUM_TAPS = len(OFFICIAL_TAPS)
