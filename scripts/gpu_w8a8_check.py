@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ideogram4_engine.export import w8a8_model as m
+from ideogram4_engine.export.reference import w8a8_model as m
 from ideogram4_engine.export.graphs.w8a8 import DOMAIN
 from ideogram4_engine.runtime import kernels
 

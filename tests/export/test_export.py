@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ideogram4_engine.export import export as export_mod
+from ideogram4_engine.export import to_onnx as export_mod
 from ideogram4_engine.export.checkpoint import CheckpointError
 from ideogram4_engine.export.to_onnx import ExportOptions, export, validate_manifest
 from ideogram4_engine.export.reference.pipeline import SamplingParams
@@ -150,7 +150,7 @@ def test_sampler_over_exported_graphs_matches_reference(exported, tiny_pipeline)
           f"pixels within ±2: {within:.4f}")
     assert image.shape == (1, height, width, 3) and image.dtype == np.uint8
     # text features: the tiny encoder (36 layers) amplifies bf16 rounding so much that the torch reference itself
-    # moves by ~2e-2 between its own sdpa and eager attention kernels (tests/test_graph_text_encoder.py measures
+    # moves by ~2e-2 between its own sdpa and eager attention kernels (tests/export/test_graph_text_encoder.py measures
     # it); the graph is held to 3e-2 against the sdpa reference here and there, 2e-2 against same-attention ones.
     assert e_text <= 3e-2
     assert e_lat <= 1e-2 and within >= 0.99

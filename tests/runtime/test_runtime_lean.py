@@ -2,7 +2,7 @@
 while it generates an image (the conftest fixture `heavy_imports` runs each case in a fresh interpreter)."""
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _runtime_modules() -> list[str]:

@@ -1,5 +1,5 @@
 """`TensorRTBackend.run()` and loading, on the CPU, over a recording double of TensorRT and cuda-bindings
-(tests/trt_fakes.py): the backend's code runs for real, the doubles stand in for the GPU libraries underneath and
+(tests/runtime/trt_fakes.py): the backend's code runs for real, the doubles stand in for the GPU libraries underneath and
 record the call order. Asserted: a plain execute after every shape/profile change before a CUDA graph is captured,
 replay only while the shapes stay, fallback to plain execution when capture fails (the shape is not poisoned),
 checked TensorRT return values, cudaSetDevice on every calling thread, the stream outliving held arrays, the

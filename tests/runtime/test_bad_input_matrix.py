@@ -354,7 +354,7 @@ def test_exit_codes_documented_identically():
     """docs/runtime.md's table and the --help epilog are errors.EXIT_CODES, row for row."""
     import textwrap
     from ideogram4_engine.runtime.cli import build_parser
-    docs = (Path(__file__).resolve().parents[1] / "docs" / "runtime.md").read_text(encoding="utf-8")
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "runtime.md").read_text(encoding="utf-8")
     rows = re.findall(r"^\| (\d+) \| (.+?) \|$", docs.split("## Exit codes", 1)[1].split("\n## ", 1)[0], re.M)
     assert [(int(c), m) for c, m in rows] == list(errors.EXIT_CODES)
     helptext = " ".join(build_parser().format_help().split())

@@ -5,7 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ideogram4_engine.export import w8a8_model as m
+from ideogram4_engine.export.reference import w8a8_model as m
 
 E4M3 = ml_dtypes.float8_e4m3fn
 

@@ -237,7 +237,7 @@ def test_gpu_check_script_builds_valid_graphs():
     device time."""
     import importlib.util
     from pathlib import Path
-    spec = importlib.util.spec_from_file_location("gpu_w8a8_check", Path(__file__).parents[1] / "scripts" / "gpu_w8a8_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_w8a8_check", Path(__file__).parents[2] / "scripts" / "gpu_w8a8_check.py")
     g = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(g)
     M, K, N = 5, 32, 16

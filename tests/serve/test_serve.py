@@ -21,7 +21,7 @@ from test_serve_request import MODEL_REFUSALS
 
 pytestmark = pytest.mark.skipif(not have_serve()[0], reason=have_serve()[1])
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAX_QUEUE = 4
 FAST = {"size": "256x256", "steps": 1, "guidance": 4}        # one step: the cheapest real request
 

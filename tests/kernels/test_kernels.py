@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from ideogram4_engine.export import w8a8_model
+from ideogram4_engine.export.reference import w8a8_model
 from ideogram4_engine.export.graphs.fuse import DOMAIN, OPS, fused_kernels, fused_ops
 from ideogram4_engine.export.graphs.rewrite import bf16_to_fp32_emulation
 from ideogram4_engine.runtime import kernels
@@ -24,7 +24,7 @@ from ideogram4_engine.runtime.backends.base import BackendUnavailable
 from ideogram4_engine.runtime.backends.onnxruntime import FusedKernelsOff, OnnxRuntimeBackend
 from ideogram4_engine.runtime.manifest import load_manifest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "kernels"))
 import checks  # noqa: E402
 
 LIB = kernels.default_library()
