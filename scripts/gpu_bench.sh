@@ -5,11 +5,10 @@
 #   eager   : torch reference, eager           compiled : torch reference under torch.compile
 #   runtime : lean runtime on onnxruntime CUDA (the cuda_fused graphs with the kernel library: the default)
 #   runtime-stock: the same with the stock cuda graphs (fused_kernels=false); runtime-dqload[-stock] likewise
-#   runtime-legacy-norm: the default path with the first (GPU-validated) norm kernels (IDEOGRAM4_KERNELS_LEGACY_NORM=1)
 #   runtime-cudagraph: the default path with the DiT sessions replaying CUDA graphs (cuda_graph=true)
 #   profile : onnxruntime profiler + CUPTI kernels, one dit_cond forward (profile-stock: the stock graphs,
 #             profile-w8a8: the cuda_fused_w8a8 graphs, after PRECISION=w8a8 prepare)
-#   kernels : scripts/gpu_kernel_check.py: each fused op (new and legacy norm kernels, the quantizing *Fp8 ops) vs
+#   kernels : scripts/gpu_kernel_check.py: each fused op (the quantizing *Fp8 ops too; KERNEL_CHECK_ARGS="--only OpA,OpB" for some) vs
 #             the unfused subgraph on CUDA, tiny and full-width end to end (fused vs stock latents), CUDA-graph
 #             capture of the stock and fused full-width dit_cond (bisection to the breaking node if it fails) and
 #             cuda_graph=true end to end; needs build/kernels/libideogram4_kernels.so (carry build/kernels)
@@ -48,7 +47,6 @@ for stage in "$@"; do
     runtime-w8a8)    $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option precision=w8a8 || rc=$? ;;
     runtime-w8a8-stock) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option precision=w8a8 --option fused_kernels=false || rc=$? ;;
     runtime-cudagraph) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option cuda_graph=true || rc=$? ;;
-    runtime-legacy-norm) IDEOGRAM4_KERNELS_LEGACY_NORM=1 $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --label legacy-norm || rc=$? ;;
     w8a8)     python3 scripts/gpu_w8a8_check.py kernels --out "${OUT:-/tmp}" || rc=$? ;;
     w8a8-deviation) python3 scripts/gpu_w8a8_check.py deviation --root "$ROOT" --out "${OUT:-/tmp}" || rc=$? ;;
     check)    python3 scripts/gpu_dequant_check.py | tee "${OUT:-/tmp}/dequant_check.json" || rc=$? ;;
