@@ -24,8 +24,8 @@ try:
                         "(onnxruntime-gpu's parts not in /root/stage? ../shared/device/stage-ort-gpu.sh)")
 except Exception:  # noqa: BLE001 -- reported above
     pass
-for mod in ("ideogram4_engine.export.export", "ideogram4_engine.export.synthetic.writer",
-            "ideogram4_engine.export.pipeline", "ideogram4_engine.runtime.pipeline"):
+for mod in ("ideogram4_engine.export.to_onnx", "ideogram4_engine.export.synthetic.writer",
+            "ideogram4_engine.export.reference.pipeline", "ideogram4_engine.runtime.pipeline"):
     try:
         importlib.import_module(mod)
     except Exception as e:  # noqa: BLE001
