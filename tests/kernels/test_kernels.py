@@ -289,7 +289,7 @@ def test_gpu_kernel_check_reaches_both_kernel_paths_of_every_norm_op():
     """scripts/gpu_kernel_check.py must test fused_warp.cu's kernels (onnxruntime layout threads_y 2, width a multiple
     of 8) off the DiT's own shapes too (partial chunks, several gate rows, narrow heads) and fused.cu's general
     kernels (other layouts or widths) for each norm op: otherwise one path would run in the model unchecked."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
     import gpu_kernel_check as g
     paths: dict[str, set[str]] = {}
     for op, d in g.CASES:
