@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (they are off anyway when stderr is not a terminal)")
     args = ap.parse_args(argv)
     from .checkpoint import CheckpointError
-    from .export import ExportOptions, export
+    from .to_onnx import ExportOptions, export
 
     opts = ExportOptions(attention_form=args.attention, weights="keep" if args.keep_dtype else "fp8",
                          progress=not args.no_progress and sys.stderr.isatty(), precision=args.precision)

@@ -2,20 +2,12 @@
 writer that was killed (its temporaries removed, a half-done replacement undone)."""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
+from ..runtime.contract import sha256_file  # noqa: F401 -- the writers import it from here
 from ..runtime.tempfiles import pid_alive, remove_stale_temps, temp_name
-
-
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def recover_dir(out: Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""What each fused op must compute, two ways, shared by tests/test_kernels.py (CPU) and scripts/gpu_kernel_check.py.
+"""What each fused op must compute, two ways, shared by tests/kernels/test_kernels.py (CPU) and scripts/gpu_kernel_check.py.
 
 * `subgraph(op, ...)`: the unfused ONNX subgraph the op replaces, emitted by the exporter's own layer functions
   (export/graphs/layers.py, the DiT's ops and rounding points), fp32 at the boundary (Cast to bf16 inside, like
@@ -21,7 +21,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from ideogram4_engine.export import w8a8_model
+from ideogram4_engine.export.reference import w8a8_model
 from ideogram4_engine.export.graphs.builder import F32, GraphBuilder
 from ideogram4_engine.export.graphs.fuse import DOMAIN as FUSE_DOMAIN, fused_kernels
 from ideogram4_engine.export.graphs.layers import apply_rope, rms_norm, signed_sin, silu, to_bf16

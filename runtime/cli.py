@@ -43,23 +43,25 @@ def output_paths(output: str, n: int) -> list[Path]:
     return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
 
 
+FLAGS = {"uncond_device_id": "--uncond-device", "dequantize_at_load": "--dequantize-at-load",
+         "precision": "--precision"}        # backend option -> the generate flag that sets it
+
+
 def _backend_options(args) -> dict:
-    options = {}
-    if args.uncond_device is not None:
-        if args.backend != "onnxruntime-cuda":
-            raise ValueError(f"--uncond-device needs --backend onnxruntime-cuda (got --backend {args.backend})")
-        if args.uncond_device < 0:
-            raise ValueError(f"--uncond-device {args.uncond_device}: a GPU index must be >= 0")
-        options["uncond_device_id"] = args.uncond_device
-    if args.dequantize_at_load:
-        if not args.backend.startswith("onnxruntime-"):
-            raise ValueError(f"--dequantize-at-load needs --backend onnxruntime-cuda or onnxruntime-cpu "
-                             f"(got --backend {args.backend})")
-        options["dequantize_at_load"] = True
-    if args.precision != "faithful":
-        if args.backend != "onnxruntime-cuda":
-            raise ValueError(f"--precision {args.precision} needs --backend onnxruntime-cuda (got --backend {args.backend})")
-        options["precision"] = args.precision
+    """The backend options the flags ask for; one the chosen backend does not take is refused before loading
+    (backends declare their options; with `auto` the chosen backend says which it ignored)."""
+    from . import backends
+
+    if args.uncond_device is not None and args.uncond_device < 0:
+        raise ValueError(f"--uncond-device {args.uncond_device}: a GPU index must be >= 0")
+    given = {"uncond_device_id": args.uncond_device, "dequantize_at_load": args.dequantize_at_load,
+             "precision": args.precision}
+    options = {k: v for k, v in given.items() if v not in (None, False, "faithful")}
+    for option, value in options.items():
+        where = backends.taking(option)
+        if args.backend != "auto" and args.backend not in where:
+            shown = FLAGS[option] + (f" {value}" if isinstance(value, str) else "")
+            raise ValueError(f"{shown} needs --backend {' or '.join(where)} (got --backend {args.backend})")
     return options
 
 
@@ -118,7 +120,7 @@ def cmd_generate(args) -> int:
     args.bar = _ProgressBar() if show else None
     result = pipe.run(request, args.bar)
     s = result.sampling
-    precision = getattr(pipe.backend, "precision", "faithful")      # what ran (w8a8 may have fallen back)
+    precision = pipe.backend.precision      # what ran (w8a8 may have fallen back)
     errors.check_interrupted()
     save_pngs([(image, out, png_metadata(request, i, pipe.backend.name, bool(synthetic), precision, cache))
                for i, (image, out) in enumerate(zip(result.images, outputs))])
@@ -220,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--uncond-device", type=int, default=None,
                    help="onnxruntime-cuda: run the unconditional DiT on this GPU, concurrently (CFG-parallel)")
     g.add_argument("--dequantize-at-load", action="store_true",
-                   help="onnxruntime: dequantize the FP8 weights once at load, on the device (H100, 1024²: -4%% step "
-                        "time, 58.5 instead of 32.5 GiB; the CPU results are bit for bit the default's)")
+                   help="onnxruntime: dequantize the FP8 weights once at load, on the device (faster steps, about twice "
+                        "the weight memory: docs/figures.md; the CPU results are bit for bit the default's)")
     g.add_argument("--precision", default="faithful", choices=["faithful", "w8a8"],
                    help="onnxruntime-cuda: w8a8 runs the DiT blocks' linears with FP8 activations on FP8 tensor cores "
                         "(opt-in: the numbers change; needs an export with --precision w8a8; docs/runtime.md); "

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-LATENT_CHANNELS = 32
-PATCH = 2
-TOKEN_CHANNELS = LATENT_CHANNELS * PATCH * PATCH   # 128, ordered (ph, pw, c) with c fastest (trap 18)
+from .contract import LATENT_CHANNELS, PATCH, TOKEN_CHANNELS  # noqa: F401 -- (ph, pw, c), c fastest (trap 18)
 
 # Per token channel k = (ph·2 + pw)·32 + c. Constants of the released model (spec §6.5).
 LATENT_SHIFT = np.array([

@@ -10,9 +10,7 @@ naming the folder or file and what was expected.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +19,9 @@ from typing import Iterable
 import numpy as np
 
 from . import cache
-from .schedule import SamplerPreset
+from .contract import HASH_CHUNK, file_identity, sha256_file
+from .schedule import SamplerPreset, lookup_preset
+from .schema import schema_error
 
 FORMAT = "ideogram4-engine/manifest"
 FORMAT_VERSIONS = (3,)                  # manifest versions this runtime reads (3: tokenizer files checksummed; 2: bf16-rounded MRoPE inv_freq)
@@ -35,7 +35,6 @@ FUSED = "_fused"                        # cuda<FUSED>[_dql]: the cuda twins with
 PRECISION_VARIANTS = {"faithful": None, "w8a8": "cuda_w8a8"}    # `exporter.precision` -> the graphs it adds
 REQUIRED_LIMITS = ("min_side", "max_side", "multiple", "max_aspect", "max_text_tokens")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-HASH_CHUNK = 8 << 20
 
 
 class ManifestError(ValueError):
@@ -75,11 +74,7 @@ class Manifest:
         return self.raw["sampler"]["default_preset"]
 
     def preset(self, name: str | None = None) -> SamplerPreset:
-        name = self.default_preset if name is None else name
-        try:
-            return self.presets[name]
-        except KeyError:
-            raise ValueError(f"unknown sampler preset {name!r}; allowed: {', '.join(self.presets)}") from None
+        return lookup_preset(self.presets, self.default_preset if name is None else name)
 
     @cached_property
     def inv_freq(self) -> np.ndarray:
@@ -291,7 +286,7 @@ def _check(raw: dict, path: Path) -> None:
             c.fail(f"`{where}` must hold steps (int >= 1), guidance (numbers), mu and std (numbers)")
         if len(p["guidance"]) != p["steps"]:
             c.fail(f"`{where}.guidance` has {len(p['guidance'])} entries, expected one per step ({p['steps']})")
-    if sampler["default_preset"] not in presets:
+    if not isinstance(sampler["default_preset"], str) or sampler["default_preset"] not in presets:
         c.fail(f"`sampler.default_preset` {sampler['default_preset']!r} is not one of the presets "
                f"({', '.join(presets)})")
 
@@ -317,7 +312,8 @@ def _check(raw: dict, path: Path) -> None:
         c.fail(f"`limits` values must be numbers: {', '.join(REQUIRED_LIMITS)}")
 
     precision = c.obj(raw, "exporter", "").get("precision", ["faithful"])
-    if not (isinstance(precision, list) and "faithful" in precision and set(precision) <= set(PRECISION_VARIANTS)):
+    if not (isinstance(precision, list) and "faithful" in precision
+            and all(isinstance(p, str) and p in PRECISION_VARIANTS for p in precision)):
         c.fail(f"`exporter.precision` must list 'faithful' and optionally {', '.join(PRECISION_VARIANTS)}, "
                f"found {precision!r}")
 
@@ -357,7 +353,8 @@ def _check(raw: dict, path: Path) -> None:
             c.file_entry(dq.get("graph"), f"components.{name}.dequantize.graph")
             if comp.get("data") is None:
                 c.fail(f"`components.{name}.dequantize` needs the component's `data` file")
-            for k, w in enumerate(dq.get("weights") or [None]):
+            weights = dq.get("weights")
+            for k, w in enumerate(weights if isinstance(weights, list) and weights else [None]):
                 where = f"components.{name}.dequantize.weights[{k}]"
                 if not (isinstance(w, dict) and isinstance(w.get("input"), str) and _int(w.get("axis"))):
                     c.fail(f"`{where}` must be {{input, axis, weight, scale}}, found {_describe(w)}")
@@ -374,6 +371,9 @@ def _check(raw: dict, path: Path) -> None:
             if not (isinstance(ios, list) and ios and all(isinstance(io, dict) and isinstance(io.get("name"), str)
                                                           for io in ios)):
                 c.fail(f"`components.{name}.{side}` must be a non-empty list of {{name, dtype, shape}} objects")
+    problem = schema_error(raw)      # what the schema states and the checks above do not (schema.py)
+    if problem:
+        c.fail(f"does not follow the manifest schema: {problem} (re-run `make export`)")
 
 
 def _check_files(m: Manifest) -> None:
@@ -430,18 +430,11 @@ _verified: set[tuple] = set()     # (path, dev, ino, size, mtime_ns, ctime_ns, s
 
 
 def _sha256(path: Path, chunk: int | None = None) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(chunk or HASH_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+    return sha256_file(path, chunk or HASH_CHUNK)
 
 
 def _stat_key(path: Path, digest: str) -> tuple:
-    st = os.stat(path)
-    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
+    return (*file_identity(path), digest)
 
 
 def verify(manifest: Manifest, files: list[str] | None = None) -> list[str]:

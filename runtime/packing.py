@@ -5,13 +5,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .contract import MAX_TEXT_TOKENS  # noqa: F401 -- per prompt, chat template included
+
 PAD_SEGMENT = -1
 IMAGE_INDICATOR = 2
 TEXT_INDICATOR = 3
 PAD_INDICATOR = 0
 IMAGE_POSITION_OFFSET = 65536
 PIXELS_PER_TOKEN = 16          # VAE factor 8 × patch 2
-MAX_TEXT_TOKENS = 2048         # per prompt, chat template included
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 256, 2048, 6.0
 
 

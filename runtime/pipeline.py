@@ -66,7 +66,7 @@ class Pipeline:
             options["before_load"] = before_load
         self.backend = backends.create(backend, self.manifest, components=names, **options)
         if verify_checksums:   # a no-op for files hashed above (unchanged since): the guarantee, not the work
-            own = getattr(self.backend, "verifies_own_files", False)
+            own = self.backend.verifies_own_files
             verify(self.manifest, [] if own else self.manifest.files_for_variant(self.backend.graph_variant, names))
         self._lock = threading.Lock()
         self.load_seconds = time.perf_counter() - t0
@@ -98,9 +98,7 @@ class Pipeline:
         return prepare(self.manifest, self.tokenizer, prompts, **kwargs)
 
     def _check_size(self, height: int, width: int) -> None:
-        profiles = getattr(self.backend, "check_size", None)
-        if profiles:
-            profiles(height, width)
+        self.backend.check_size(height, width)
 
     # ------------------------------------------------------------------------------------- generation
 
@@ -146,8 +144,7 @@ class Pipeline:
         be = self.backend
         # cond and uncond are independent within a step: a backend that places them on two GPUs runs them
         # at the same time (CFG-parallel); others run them one after the other
-        run_pair = getattr(be, "run_concurrently", None) or (lambda calls: [be.run(c, i) for c, i in calls])
-        apart = getattr(be, "parallel", False)
+        run_pair, apart = be.run_concurrently, be.parallel
         gh, gw = token_grid(height, width)
         steps = plan(sampling.steps, resolution_mu(sampling.mu, height, width), sampling.std, sampling.guidance)
         groups: dict[int, list[int]] = {}

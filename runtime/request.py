@@ -14,11 +14,12 @@ from typing import Sequence
 
 import numpy as np
 
+from .contract import TOKEN_CHANNELS
 from .packing import MAX_SIDE, MIN_SIDE, PIXELS_PER_TOKEN, check_size, token_grid
-from .schedule import GUIDANCE_LIMIT, MAX_STEPS, MU_LIMIT, STD_MAX, check_guidance
+from .schedule import GUIDANCE_LIMIT, MAX_STEPS, MU_LIMIT, STD_MAX, check_guidance, lookup_preset
 from .tokenizer import PromptError, check_prompt_text
 
-NOISE_SHAPE_TAIL = 128
+NOISE_SHAPE_TAIL = TOKEN_CHANNELS
 MAX_SEED = 2**64 - 1
 MAX_BATCH_INDEX = 1023
 
@@ -108,9 +109,7 @@ def resolve_sampling(presets: dict, default_preset: str, preset: str | None = No
     """A preset (default: the manifest's) with optional overrides. Changing `steps` needs a `guidance`
     (a constant or one value per step, index 0 = last step): a preset's schedule never silently stretches."""
     name = default_preset if preset is None else preset
-    if not isinstance(name, str) or name not in presets:
-        raise ValueError(f"unknown sampler preset {name!r}; allowed: {', '.join(presets)}")
-    p = presets[name]
+    p = lookup_preset(presets, name)
     if steps is not None and not (_is_int(steps) and 1 <= steps <= MAX_STEPS):
         raise ValueError(f"steps={steps!r} must be an integer >= 1 (at most {MAX_STEPS})")
     n = p.steps if steps is None else int(steps)

@@ -53,11 +53,15 @@ PRESETS: dict[str, SamplerPreset] = {p.name: p for p in (
 DEFAULT_PRESET = "V4_DEFAULT_20"
 
 
+def lookup_preset(presets: dict, name) -> SamplerPreset:
+    """presets[name], or one ValueError naming the allowed ones (the only preset lookup: built-in or manifest)."""
+    if not isinstance(name, str) or name not in presets:
+        raise ValueError(f"unknown sampler preset {name!r}; allowed: {', '.join(presets)}")
+    return presets[name]
+
+
 def get_preset(name: str) -> SamplerPreset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler preset {name!r}; allowed: {', '.join(PRESETS)}") from None
+    return lookup_preset(PRESETS, name)
 
 
 def linspace_f32(steps: int) -> np.ndarray:

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-PROMPT = ("A lighthouse on a rocky coast at dusk, long exposure, waves crashing on the rocks, warm light in the "
-          "window, dramatic clouds, a small boat in the bay, seagulls, 35mm photograph, high detail, natural colours, "
-          "soft haze over the sea, wet stones in the foreground reflecting the sky.")
+from ideogram4_engine.export.devtools import PROMPT, noise_for, parse_cases, record  # noqa: F401 (cache_bench, tests)
+
 DIT_MACS_PER_TOKEN_PER_BLOCK = 254_803_968   # spec §2.3 (real widths)
 
 
@@ -35,29 +32,10 @@ def dit_flops(cfg: dict, L: int, T: int) -> float:
             + 2 * Fdim * D * T + 2 * D * C * L + 0 * A)
 
 
-def parse_cases(spec: str) -> list[tuple[int, int, str]]:
-    out = []
-    for item in spec.split(","):
-        size, preset = item.split(":")
-        w, h = (int(x) for x in size.lower().split("x"))
-        out.append((w, h, preset))
-    return out
-
-
-def record(root: Path, rec: dict) -> None:
-    with open(root / "results.jsonl", "a") as f:
-        f.write(json.dumps(rec) + "\n")
-    print(json.dumps(rec), flush=True)
-
-
-def noise_for(w: int, h: int) -> np.ndarray:
-    return np.random.default_rng(1234).standard_normal((1, (h // 16) * (w // 16), 128), dtype=np.float32)
-
-
 # ------------------------------------------------------------------------------------------------- prepare
 
 def cmd_prepare(a) -> None:
-    import shutil
+    from ideogram4_engine.export.devtools import checkpoint_and_export
     from ideogram4_engine.export.synthetic.writer import write_checkpoint
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -67,14 +45,9 @@ def cmd_prepare(a) -> None:
         write_checkpoint(root / "ckpt", a.config, seed=0, device=a.device)
     write_s = time.perf_counter() - t
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "ideogram4_engine.export", "--checkpoint", str(root / "ckpt"),
-                        "--out", str(root / "engines"), "--no-progress", "--precision", a.precision],
-                       capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(r.stderr)
+    checkpoint_and_export(root, a.config, device=a.device, precision=a.precision, export_again=True)
     record(root, {"kind": "prepare", "config": a.config, "checkpoint_write_s": write_s,
                   "export_s": time.perf_counter() - t})
-    del shutil
 
 
 # ------------------------------------------------------------------------------------------------- timers
@@ -135,7 +108,7 @@ def cmd_runtime(a) -> None:
                "load_s": pipe.load_seconds, "cold_start_s": cold,
                "flops_cond": dit_flops(cfg, T + N, T), "flops_uncond": dit_flops(cfg, N, 0),
                "gpu_mem_used_mib": (mem or [None])[0], "gpu_mem_used_mib_all": mem,
-               "gpu_mem_after_warmup_mib_all": warm_mem, "precision": getattr(pipe.backend, "precision", None)}
+               "gpu_mem_after_warmup_mib_all": warm_mem, "precision": pipe.backend.precision}
         np.save(root / f"latents_{rec['kind'].replace(' ', '_')}_{w}x{h}_{preset}.npy", res.latents)
         np.save(root / f"image_{rec['kind'].replace(' ', '_')}_{w}x{h}_{preset}.npy", np.asarray(res.images[0]))
         record(root, rec)
@@ -251,18 +224,15 @@ def _profile_kernels(pipe, root: Path, size: str, runs: int = 3) -> None:
 
 
 def _nvidia_smi_used():
-    try:
-        return [int(x) for x in subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                               capture_output=True, text=True, timeout=20).stdout.split()]
-    except Exception:  # noqa: BLE001 -- no GPU / no nvidia-smi
-        return None
+    from ideogram4_engine.export.devtools import gpu_memory_used_mib
+    return gpu_memory_used_mib()
 
 
 # ------------------------------------------------------------------------------------------------- reference
 
 def cmd_reference(a) -> None:
     import torch
-    from ideogram4_engine.export.pipeline import ReferencePipeline, SamplingParams
+    from ideogram4_engine.export.reference.pipeline import ReferencePipeline, SamplingParams
     root = Path(a.root)
     cuda = a.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -392,6 +362,8 @@ def cmd_report(a) -> None:
                          ", ".join(f"{k} {v:.1f} ms" for k, v in r["by_op_ms"].items()))
     text = "\n".join(lines + ratio + extra)
     (root / "report.md").write_text(text + "\n")
+    from ideogram4_engine.export.charts import chart_rows, svg_chart
+    (root / "chart.svg").write_text(svg_chart(chart_rows(recs), a.title or f"bench: {root.name}"))
     print(text)
 
 
@@ -417,7 +389,8 @@ def main() -> None:
     pr.add_argument("--backend", default="auto")
     pr.add_argument("--size", default="1024x1024")
     pr.add_argument("--option", action="append", default=[], help="backend option key=value (as for runtime)")
-    sub.add_parser("report")
+    r = sub.add_parser("report", help="report.md (tables) and chart.svg (step, image time, memory per path)")
+    r.add_argument("--title", default=None, help="the chart's title (default: the folder's name)")
     for s in sub.choices.values():
         s.add_argument("--root", default="/tmp/ideogram4_bench")
     a = ap.parse_args()

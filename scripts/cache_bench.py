@@ -14,14 +14,12 @@ are not a trained model's: the speed is measured, the quality impact cannot be j
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench import PROMPT, _nvidia_smi_used, noise_for, parse_cases, record  # noqa: E402
+from ideogram4_engine.export.devtools import PROMPT, gpu_memory_used_mib, noise_for, parse_cases, record
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -55,7 +53,7 @@ def cmd_sweep(a) -> None:
                    "changes": {str(k): round(v, 5) for k, v in res.cache_changes[0].items()},
                    "denoise_s": t["denoise_s"], "step_ms_mean": 1e3 * t["denoise_s"] / res.sampling.steps,
                    "step_ms_median": 1e3 * float(np.median(t["step_s"])), "image_s": t["total_s"],
-                   "load_s": load_s, "gpu_mem_used_mib_all": _nvidia_smi_used()}
+                   "load_s": load_s, "gpu_mem_used_mib_all": gpu_memory_used_mib()}
             if base is not None:
                 rec.update(denoise_speedup=base[1] / t["denoise_s"], image_speedup=base[2] / t["total_s"],
                            latents_rel_dev=_rel(res.latents, base[0]))
@@ -73,7 +71,7 @@ def cmd_guidance1(a) -> None:
     t0 = time.perf_counter()
     pipe = Pipeline(root / "engines", backend=a.backend, load_uncond=False)
     load_s = time.perf_counter() - t0
-    mem_load = _nvidia_smi_used()
+    mem_load = gpu_memory_used_mib()
     noise = noise_for(w, h)
     pipe.generate(PROMPT, width=w, height=h, steps=1, guidance=1.0, noise=noise)
     res = pipe.generate(PROMPT, width=w, height=h, preset=a.preset, guidance=1.0, noise=noise)
@@ -83,7 +81,7 @@ def cmd_guidance1(a) -> None:
                   "sessions": sorted(getattr(pipe.backend, "sessions", {})),
                   "uncond_loaded": "dit_uncond" in getattr(pipe.backend, "sessions", {}), "load_s": load_s,
                   "step_ms": 1e3 * float(np.median(t["step_s"])), "denoise_s": t["denoise_s"], "image_s": t["total_s"],
-                  "gpu_mem_after_load_mib_all": mem_load, "gpu_mem_used_mib_all": _nvidia_smi_used()})
+                  "gpu_mem_after_load_mib_all": mem_load, "gpu_mem_used_mib_all": gpu_memory_used_mib()})
 
 
 def cmd_report(a) -> None:

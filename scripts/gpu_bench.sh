@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU benchmark in stages (one device call each, back to back on the same warm machine; see docs/benchmarks.md):
-#   stage   : unpack onnxruntime-gpu staged by ../shared/device/stage-ort-gpu.sh (parts in /root/stage)
+# GPU benchmark in stages (one device call each, back to back on the same warm machine; see scripts/README.md):
+#   (first: scripts/gpu_prepare.sh, which unpacks onnxruntime-gpu and the carried wheels and checks every import)
 #   prepare : synthetic checkpoint (CONFIG, default full) written on the GPU + export
 #   eager   : torch reference, eager           compiled : torch reference under torch.compile
 #   runtime : lean runtime on onnxruntime CUDA (the cuda_fused graphs with the kernel library: the default)
@@ -13,9 +13,7 @@
 #             capture of the stock and fused full-width dit_cond (bisection to the breaking node if it fails) and
 #             cuda_graph=true end to end; needs build/kernels/libideogram4_kernels.so (carry build/kernels)
 #   runtime-<variant>: the runtime with backend options (see the case list; docs/tuning.md says why each);
-#   probe   : scripts/gpu_op_probe.py (fused-op support, speed and bit-identity at the model's shapes); PROBE_ONLY=<text> runs only matching cases
 #   memory  : scripts/runtime_memory.py (memory after load and after a generation, per weight mode and arena)
-#   dqmemory: scripts/dequant_memory.py (dequantize_at_load's weights alone, per way of binding the e4m3 bytes)
 #   w8a8    : scripts/gpu_w8a8_check.py kernels (~2 min): the W8A8 ops against fp64 references with stated bounds,
 #             their speed against onnxruntime's and torch's GEMMs, the tiny model end to end (cuda_fused_w8a8 bit-
 #             identical to cuda_w8a8); PRECISION=w8a8 makes `prepare` export the cuda_w8a8 and cuda_fused_w8a8
@@ -28,14 +26,13 @@
 #             CASES=1024x1024:V4_DEFAULT_20 before it to compare threshold 0 with the full graphs bit for bit
 #   check   : scripts/gpu_dequant_check.py on the tiny model (seconds): the cuda twin's FP8 MatMuls, no Memcpy,
 #             no weight Transpose left after onnxruntime's optimizations; latents vs dequantize_at_load
+# Retired probes (their answers are in docs/tuning.md): scripts/README.md.
 # Every stage copies results.jsonl and report.md to $OUT.
 set -uo pipefail
 ROOT=${ROOT:-/tmp/ideogram4_bench}
 CONFIG=${CONFIG:-full}
 CASES=${CASES:-1024x1024:V4_DEFAULT_20,1024x1024:V4_TURBO_12,1536x1024:V4_DEFAULT_20,2048x2048:V4_DEFAULT_20}
-source scripts/device_env.sh
-test -d /opt/ort/onnxruntime || { mkdir -p /opt/ort && cat /root/stage/part-* | xz -d -T0 | tar -x -C /opt/ort; }
-export PYTHONPATH=/opt/ort:$PYTHONPATH PYTHONUNBUFFERED=1
+source scripts/device_env.sh          # onnxruntime-gpu and the carried wheels (scripts/gpu_prepare.sh checks them)
 B="python3 scripts/bench.py"
 rc=0
 for stage in "$@"; do
@@ -58,10 +55,8 @@ for stage in "$@"; do
     w8a8)     python3 scripts/gpu_w8a8_check.py kernels --out "${OUT:-/tmp}" || rc=$? ;;
     w8a8-deviation) python3 scripts/gpu_w8a8_check.py deviation --root "$ROOT" --out "${OUT:-/tmp}" || rc=$? ;;
     check)    python3 scripts/gpu_dequant_check.py | tee "${OUT:-/tmp}/dequant_check.json" || rc=$? ;;
-    dqmemory) python3 scripts/dequant_memory.py --engines "$ROOT/engines" | tee "${OUT:-/tmp}/dequant_memory.jsonl" || rc=$? ;;
     memory)   python3 scripts/runtime_memory.py --engines "$ROOT/engines" | tee "${OUT:-/tmp}/memory.jsonl" || rc=$? ;;
     runtime-dqload-cfg) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true --option uncond_device_id=1 || rc=$? ;;
-    probe)    python3 scripts/gpu_op_probe.py --out "$ROOT/probe.jsonl" ${PROBE_ONLY:+--only "$PROBE_ONLY"} || rc=$?; cp "$ROOT/probe.jsonl" "${OUT:-/tmp}"/ ;;
     cache)    python3 scripts/cache_bench.py guidance1 --root "$ROOT" || rc=$?
               python3 scripts/cache_bench.py sweep --root "$ROOT" ${CACHE_ARGS:-} || rc=$?
               python3 scripts/cache_bench.py report --root "$ROOT" > "${OUT:-/tmp}/cache_report.md" || rc=$? ;;

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from ideogram4_engine.export.checkpoint import open_checkpoint
-from ideogram4_engine.export.dit import load_dit
-from ideogram4_engine.export.pipeline import ReferencePipeline, SamplingParams
+from ideogram4_engine.export.reference.dit import load_dit
+from ideogram4_engine.export.reference.pipeline import ReferencePipeline, SamplingParams
 from ideogram4_engine.export.synthetic.writer import write_checkpoint
-from ideogram4_engine.export.text_encoder import load_text_encoder
-from ideogram4_engine.export.vae import load_decoder
+from ideogram4_engine.export.reference.text_encoder import load_text_encoder
+from ideogram4_engine.export.reference.vae import load_decoder
 
 
 DEVICE = "cuda"

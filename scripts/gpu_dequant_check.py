@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -27,10 +26,8 @@ def main() -> None:
     a = ap.parse_args()
     root = Path(a.root)
     if not (root / "engines" / "manifest.json").exists():
-        from ideogram4_engine.export.synthetic.writer import write_checkpoint
-        write_checkpoint(root / "ckpt", "tiny", seed=0)
-        subprocess.run([sys.executable, "-m", "ideogram4_engine.export", "--checkpoint", str(root / "ckpt"),
-                        "--out", str(root / "engines"), "--no-progress"], check=True)
+        from ideogram4_engine.export.devtools import checkpoint_and_export
+        checkpoint_and_export(root, "tiny")
     import onnx
     import onnxruntime as ort
     from ideogram4_engine.runtime.pipeline import Pipeline

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ideogram4_engine.export.checkpoint import open_checkpoint
-from ideogram4_engine.export.pipeline import ReferencePipeline
+from ideogram4_engine.export.reference.pipeline import ReferencePipeline
 from ideogram4_engine.export.synthetic.writer import write_checkpoint
 from ideogram4_engine.runtime.packing import pack, token_grid
 from ideogram4_engine.runtime.rope import dit_rope_tables

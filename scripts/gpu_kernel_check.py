@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -185,11 +184,9 @@ def end_to_end(out: Path, root: Path, config: str, lib: Path) -> bool:
     from ideogram4_engine.runtime.pipeline import Pipeline
     eng = root / config / "engines"
     if not (eng / "manifest.json").exists():
-        from ideogram4_engine.export.synthetic.writer import write_checkpoint
+        from ideogram4_engine.export.devtools import checkpoint_and_export
         t = time.perf_counter()
-        write_checkpoint(root / config / "ckpt", config, seed=0, device="cuda")
-        subprocess.run([sys.executable, "-m", "ideogram4_engine.export", "--checkpoint", str(root / config / "ckpt"),
-                        "--out", str(eng), "--no-progress"], check=True, capture_output=True)
+        checkpoint_and_export(root / config, config, device="cuda")
         emit(out, {"kind": "prepare", "config": config, "seconds": time.perf_counter() - t})
     size = 512 if config == "tiny" else 1024
     kw = dict(width=size, height=size, steps=4, guidance=(3.0, 4.0, 5.0, 7.0), seed=3)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,12 +27,8 @@ def main() -> None:
     out, root = Path(args.out), Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
     ck, eng = root / "ckpt", root / "engines"
-    from ideogram4_engine.export.synthetic.writer import write_checkpoint
-    write_checkpoint(ck, args.config, seed=0, device="cuda")
-    r = subprocess.run([sys.executable, "-m", "ideogram4_engine.export", "--checkpoint", str(ck), "--out", str(eng),
-                        "--no-progress"], capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(r.stderr)
+    from ideogram4_engine.export.devtools import checkpoint_and_export
+    checkpoint_and_export(root, args.config, device="cuda")
     prompt = "A lighthouse on a rocky coast at dusk, long exposure, waves crashing on the rocks."
     from ideogram4_engine.runtime.image import save_png
     from ideogram4_engine.runtime.packing import token_grid
@@ -46,7 +40,7 @@ def main() -> None:
 
     # the torch reference first (then freed): onnxruntime's CUDA arena does not give memory back
     import torch
-    from ideogram4_engine.export.pipeline import ReferencePipeline, SamplingParams
+    from ideogram4_engine.export.reference.pipeline import ReferencePipeline, SamplingParams
     report["device"] = torch.cuda.get_device_name(0)
     ref = ReferencePipeline.from_checkpoint(ck, "cuda")
     ref(prompt, height=512, width=512, params=SamplingParams(1, 0.0, 1.75, (7.0,)), noise=None)   # warm-up
@@ -65,8 +59,8 @@ def main() -> None:
     t = time.perf_counter()
     res = pipe.generate(prompt, width=args.size, height=args.size, preset=args.preset, noise=noise)
     wall = time.perf_counter() - t
-    used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                          capture_output=True, text=True).stdout.strip()
+    from ideogram4_engine.export.devtools import gpu_memory_used_mib
+    used = " ".join(map(str, gpu_memory_used_mib() or []))
     save_png(res.images[0], out / "runtime.png", {"prompt": prompt, "backend": pipe.backend.name})
     report.update({"backend": pipe.backend.name, "load_s": pipe.load_seconds, "wall_s": wall,
                    "timings": {k: v for k, v in res.timings.items() if k != "step_s"},

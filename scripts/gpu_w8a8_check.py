@@ -7,7 +7,7 @@ CPU machine (`make kernels`) and carried (build/kernels/libideogram4_kernels.so:
     python scripts/gpu_w8a8_check.py deviation --root ROOT      # after gpu_bench.sh runtime + runtime-w8a8
 
 kernels, per shape (the DiT's at 1024², M = 4170 tokens, and odd ones):
-* Fp8QuantizeRows: codes and scales bit-identical to the numpy model (export/w8a8_model.py);
+* Fp8QuantizeRows: codes and scales bit-identical to the numpy model (export/reference/w8a8_model.py);
 * Fp8RowScaledMatMul on the kernel's own quantized operands: |y − y64| ≤ gemm_bound (fp32 accumulation of K
   products, one bf16 rounding) against an fp64 product on the GPU, and rel. L2 ≤ 2^-8;
 * the W8A8 linear against the faithful linear's exact value x·(q_w·s_w)ᵀ: |Δ| ≤ linear_bound (e4m3's 3
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ideogram4_engine.export import w8a8_model as m
+from ideogram4_engine.export.reference import w8a8_model as m
 from ideogram4_engine.export.graphs.w8a8 import DOMAIN
 from ideogram4_engine.runtime import kernels
 
@@ -242,15 +242,12 @@ def check_tiny_pipeline(root: Path) -> dict:
     """The runtime end to end on the tiny synthetic model exported with --precision w8a8 (seconds): the W8A8
     graphs load and run (precision stays w8a8), their latents are finite and near the faithful ones, and a
     missing library gives the warning and the faithful graphs."""
-    import subprocess
     import warnings
     from ideogram4_engine.runtime.pipeline import Pipeline
     eng = root / "engines"
     if not (eng / "manifest.json").exists():
-        from ideogram4_engine.export.synthetic.writer import write_checkpoint
-        write_checkpoint(root / "ckpt", "tiny", seed=0)
-        subprocess.run([sys.executable, "-m", "ideogram4_engine.export", "--checkpoint", str(root / "ckpt"), "--out",
-                        str(eng), "--no-progress", "--precision", "w8a8"], check=True, capture_output=True)
+        from ideogram4_engine.export.devtools import checkpoint_and_export
+        checkpoint_and_export(root, "tiny", precision="w8a8")
     kw = dict(width=256, height=256, steps=3, guidance=(3.0, 5.0, 7.0), seed=3)
     faithful = Pipeline(eng, backend="onnxruntime-cuda").generate("a lighthouse at dusk", **kw).latents
     runs = {}

@@ -18,9 +18,8 @@ VARIANTS = ({}, {"shared_arena": False}, {"dequantize_at_load": True}, {"dequant
 
 def used_mib(backend: str) -> dict:
     if backend == "onnxruntime-cuda":
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, check=True).stdout
-        return {"gpu_mib": [int(x) for x in out.split()]}
+        from ideogram4_engine.export.devtools import gpu_memory_used_mib
+        return {"gpu_mib": gpu_memory_used_mib()}
     with open("/proc/self/status") as f:
         rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     return {"rss_mib": rss // 1024, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}

@@ -29,7 +29,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_checkpoint):
     """ReferencePipeline over the tiny checkpoint (CPU). Shared: tests must not mutate it."""
-    from ideogram4_engine.export.pipeline import ReferencePipeline
+    from ideogram4_engine.export.reference.pipeline import ReferencePipeline
 
     return ReferencePipeline.from_checkpoint(tiny_checkpoint)
 
@@ -38,7 +38,7 @@ def tiny_pipeline(tiny_checkpoint):
 def tiny_engines(tiny_checkpoint, tmp_path_factory) -> Path:
     """`make export` of the tiny checkpoint (ONNX graphs + manifest), once per session. Read-only: tests that
     corrupt or rebuild an engines folder copy it or export their own."""
-    from ideogram4_engine.export.export import ExportOptions, export
+    from ideogram4_engine.export.to_onnx import ExportOptions, export
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
     export(tiny_checkpoint, out, ExportOptions(progress=False), log=lambda s: None)
@@ -48,8 +48,27 @@ def tiny_engines(tiny_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_w8a8_engines(tiny_checkpoint, tmp_path_factory) -> Path:
     """The same export with `--precision w8a8` (adds the cuda_w8a8 and cuda_fused_w8a8 graphs). Read-only."""
-    from ideogram4_engine.export.export import ExportOptions, export
+    from ideogram4_engine.export.to_onnx import ExportOptions, export
 
     out = tmp_path_factory.mktemp("engines") / "tiny_w8a8"
     export(tiny_checkpoint, out, ExportOptions(progress=False, precision="w8a8"), log=lambda s: None)
     return out
+
+
+HEAVY = ("torch", "transformers", "onnx", "jsonschema")     # what the runtime must never import (ARCHITECTURE.md)
+
+
+@pytest.fixture(scope="session")
+def heavy_imports():
+    """heavy_imports(code) -> the HEAVY packages loaded after running `code` in a fresh interpreter (it must
+    succeed): the one check that the runtime stays lean."""
+    import subprocess
+    import sys
+
+    def run(code: str) -> list[str]:
+        probe = (f"{code}\nimport sys\n"
+                 f"print('LOADED', sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return eval(r.stdout.rsplit("LOADED", 1)[1])
+    return run

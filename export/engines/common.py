@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ...runtime.contract import TRT_MODULES
+
 ENGINES_FORMAT_VERSION = 1
-BUILDERS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}   # --builder name -> Python module
+BUILDERS = TRT_MODULES                                                # --builder name -> Python module
 BUILDER_ORDER = ("tensorrt", "tensorrt-rtx")                           # tried in this order when not chosen
 ENGINE_COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder", "guided_step")
 LAYERS_SUFFIX = ".layers.json"

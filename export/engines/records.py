@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ...runtime.schema import SCHEMA_FILE
 from ..files import sha256_file
 from .checks import run_checks
 from .common import EngineBuildError, atomic_write
 
-SCHEMA = Path(__file__).resolve().parent.parent / "manifest.schema.json"
+SCHEMA = SCHEMA_FILE
 
 
 def load(folder: Path) -> dict:

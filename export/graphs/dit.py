@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..dit import DiTConfig, FINAL_NORM_EPS, LLM_NORM_EPS, MAX_PERIOD, QK_NORM_EPS, TIME_SCALE
+from ..reference.dit import DiTConfig, FINAL_NORM_EPS, LLM_NORM_EPS, MAX_PERIOD, QK_NORM_EPS, TIME_SCALE
 from .builder import F32, GraphBuilder
 from .layers import apply_rope, layer_norm, linear, rms_norm, signed_sin, silu, to_bf16
 

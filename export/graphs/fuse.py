@@ -300,18 +300,3 @@ def for_cuda_fused(model: onnx.ModelProto) -> onnx.ModelProto:
 def cuda_fused_dequantized_at_load(model: onnx.ModelProto) -> onnx.ModelProto:
     """The `cuda_fused_dql` twin: the same rewrite of the `dequantize_at_load` graph."""
     return fused_kernels(cuda_dequantized_at_load(model))
-
-
-def kernels_section(precision: str = "faithful") -> dict:
-    """The manifest's `kernels` section: which graph variants need the library and what they call (with
-    precision w8a8 also the W8A8 ops and cuda_w8a8 -> cuda_fused_w8a8)."""
-    from ...runtime.kernels import LIBRARY_NAME, W8A8_VARIANT
-    from ...runtime.manifest import FUSED, LOAD_DEQUANTIZED
-    from .w8a8 import FUSED_PRODUCERS, OPS as W8A8_OPS
-    variants = {"cuda": "cuda" + FUSED, "cuda" + LOAD_DEQUANTIZED: "cuda" + FUSED + LOAD_DEQUANTIZED}
-    ops = list(OPS)
-    if precision == "w8a8":
-        variants[W8A8_VARIANT] = "cuda" + FUSED + "_w8a8"
-        ops += [*W8A8_OPS, *(f for f, _ in FUSED_PRODUCERS.values())]
-    return {"domain": DOMAIN, "op_version": OP_VERSION, "ops": ops, "library": LIBRARY_NAME,
-            "build": "make kernels (kernels/build.sh); docs/runtime.md", "variants": variants}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fp8 import FP8_DTYPE
+from ..reference.fp8 import FP8_DTYPE
 from .builder import BF16, F32, GraphBuilder
 
 

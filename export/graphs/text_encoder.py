@@ -28,12 +28,11 @@ from pathlib import Path
 
 import torch
 
-from ..text_encoder import NUM_TAPS, PREFIX, tap_layers, text_dims
+from ..reference.text_encoder import NUM_TAPS, PREFIX, tap_layers, text_dims
 from .builder import F32, I64, GraphBuilder
 from .layers import apply_rope, linear, rms_norm, signed_sin, silu, to_bf16
 
 ATTENTION_FORMS = ("op", "matmul")
-MAX_TEXT_TOKENS = 2048          # per prompt, chat template included (spec §3.2, trap 25)
 
 
 def _text_config(config):

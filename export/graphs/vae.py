@@ -9,7 +9,7 @@ runtime and the C++ service only reshape buffers and never touch a pixel or a la
 * optional output `decoded` f32 (batch, 3, 16·grid_h, 16·grid_w) (`float_output=True`): the decoder's bf16
   output widened exactly — the pre-quantisation frame, for debugging/parity and float consumers.
 
-Inside, op for op like the reference (`export/vae.py` `Decoder`, `ReferencePipeline.decode`):
+Inside, op for op like the reference (`export/reference/vae.py` `Decoder`, `ReferencePipeline.decode`):
 
 1. de-normalise in fp32, multiply then add, no eps: `z·LATENT_SCALE + LATENT_SHIFT` on the token channel
    (spec §6.5, trap 18; constants from `runtime/latents.py`). Two separate fp32 ops, as torch/numpy do them —
@@ -64,7 +64,7 @@ from pathlib import Path
 import torch
 
 from ...runtime.latents import LATENT_CHANNELS, LATENT_SCALE, LATENT_SHIFT, PATCH, TOKEN_CHANNELS
-from ..vae import NUM_GROUPS, NUM_LEVELS, VAEConfig, diffusers_to_native
+from ..reference.vae import NUM_GROUPS, NUM_LEVELS, VAEConfig, diffusers_to_native
 from .builder import F32, U8, GraphBuilder
 from .layers import to_bf16, to_f32
 

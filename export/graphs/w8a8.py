@@ -6,7 +6,7 @@ s_rows)` (rewrite.fp8_matmuls): each selected linear becomes
     Fp8QuantizeRows(x) -> (x_q e4m3, x_scale fp32 per token)           once per activation (w1 and w3 share it)
     Fp8RowScaledMatMul(x_q, x_scale, q, s) -> y bf16                    the checkpoint's (out, in) e4m3 bytes
 
-of the project's op library (kernels/w8a8_ops.cu; arithmetic in export/w8a8_model.py). On the fused twin
+of the project's op library (kernels/w8a8_ops.cu; arithmetic in export/reference/w8a8_model.py). On the fused twin
 (`cuda_fused_w8a8`) the quantization then moves into the fused kernel that produces the activation where that
 saves a pass (`fused_quantization`): the modulations before qkv and w1/w3, SwiGLU before w2; the attention
 output before o keeps the standalone quantizer. Selected: the blocks'

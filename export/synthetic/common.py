@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 import torch
 from safetensors.torch import save_file
 
-from ..fp8 import quantize_rows
+from ..reference.fp8 import quantize_rows
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 

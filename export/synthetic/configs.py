@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..dit import DiTConfig
-from ..text_encoder import tap_layers
+from ..reference.dit import DiTConfig
+from ..reference.text_encoder import tap_layers
 
 MIB = 1024**2
 

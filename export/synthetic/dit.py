@@ -5,7 +5,7 @@ from typing import Iterator
 
 import torch
 
-from ..dit import DiTConfig, quantized_linears
+from ..reference.dit import DiTConfig, quantized_linears
 from .common import Correlated, linear_tensors, norm_gain, randn
 
 # Output RMS per unit-RMS input of each Linear. Modulation layers are kept small so that 1 + scale stays

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..text_encoder import FP8_FLAG, PREFIX, text_dims
+from ..reference.text_encoder import FP8_FLAG, PREFIX, text_dims
 from .common import linear_tensors, norm_gain, randn
 
 EMBED_STD = 0.03   # Qwen-like embedding scale; RMSNorm removes it before every block

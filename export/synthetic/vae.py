@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from ..vae import VAEConfig, vae_inventory
+from ..reference.vae import VAEConfig, vae_inventory
 from .common import norm_gain, randn, tensor_seed
 
 DIFFUSERS_VERSION = "0.36.0"

@@ -14,9 +14,9 @@ from tqdm import tqdm
 
 from ..files import replace_dir
 from ..checkpoint import COMPONENTS, DIT_FOLDERS, SYNTHETIC_MARKER, open_checkpoint
-from ..dit import dit_inventory
-from ..text_encoder import text_encoder_inventory
-from ..vae import VAEConfig, vae_inventory
+from ..reference.dit import dit_inventory
+from ..reference.text_encoder import text_encoder_inventory
+from ..reference.vae import VAEConfig, vae_inventory
 from .common import Correlated, write_sharded
 from .configs import SyntheticConfig, get_config
 from .dit import dit_tensors

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import kernels
 from ..manifest import LOAD_DEQUANTIZED
-from .base import BackendUnavailable
+from .base import Backend, BackendUnavailable
 from .cuda_graphs import GraphRunner
 
 VARIANT = {"cpu": "cpu", "cuda": "cuda"}
@@ -31,7 +31,13 @@ PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 GRAPH_COMPONENTS = ("dit_cond", "dit_uncond")     # captured with cuda_graph=True (one call per step each)
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
+    NAMES = ("onnxruntime-cuda", "onnxruntime-cpu")
+    FIXED = ("device",)
+    NAME_ONLY = {o: ("onnxruntime-cuda",) for o in ("uncond_device_id", "fused_kernels", "kernels_library",
+                                                    "precision", "cuda_graph")}
+    takes_before_load = True
+
     def __init__(self, manifest, device: str = "cpu", device_id: int = 0, threads: int | None = None,
                  components: tuple[str, ...] | None = None,
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
@@ -42,18 +48,17 @@ class OnnxRuntimeBackend:
         of an initializer is left in those graphs) and off for the CPU, whose twin dequantizes every e4m3 weight
         per run and would otherwise hold them all as fp32.
         arena_extend_strategy: how an arena grows, "kNextPowerOfTwo" (onnxruntime's default) or
-        "kSameAsRequested" (by exactly what is asked). None: kSameAsRequested for the shared arena (H200, 1024²,
-        with the CUDA sessions' memory pattern off: 33.3 → 32.5 GiB at the same speed, docs/tuning.md §14),
-        onnxruntime's default for per-session arenas.
+        "kSameAsRequested" (by exactly what is asked). None: kSameAsRequested for the shared arena (less memory at
+        the same speed, docs/tuning.md §14), onnxruntime's default for per-session arenas.
         dequantize_at_load=True: bf16 weights computed once at load on their device (see the module doc).
         uncond_device_id (CUDA): run dit_uncond on this GPU, concurrently with dit_cond ("CFG-parallel").
         shared_arena=True (default): the graphs on one device draw their activations from one arena registered
         with onnxruntime's environment, instead of one arena each that keeps its own peak: the components run
-        one after the other, so the memory held is the largest peak rather than the sum of them (H200, 1024²:
-        49.3 → 35.3 GiB). The arena is per process: the first backend's arena_extend_strategy stays.
-        CUDA sessions run without onnxruntime's memory pattern (it added a block per session on the second run:
-        +4 GiB at 1024², no speed) and with the heuristic cuDNN convolution search (the exhaustive one costs the
-        VAE's first decode ~1.2 s more; same decode time after it).
+        one after the other, so the memory held is the largest peak rather than the sum of them (docs/tuning.md §9).
+        The arena is per process: the first backend's arena_extend_strategy stays.
+        CUDA sessions run without onnxruntime's memory pattern (it added a block per session on the second run, at
+        no speed, §14) and with the heuristic cuDNN convolution search (the exhaustive one slows the VAE's first
+        decode and no later one).
         fused_kernels (CUDA): None (default) runs the `cuda_fused` graphs — the elementwise chains as the project's
         fused CUDA ops (kernels/, runtime/kernels.py) — when the export has them and the library loads and has
         code for the GPU, else the stock cuda graphs with one FusedKernelsOff warning saying why (the environment
@@ -188,7 +193,7 @@ class OnnxRuntimeBackend:
         opts.log_severity_level = 3
         if self.device != "cuda":       # the CPU twin's DequantizeLinear of every e4m3 weight would fold to fp32
             opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
-        else:   # the memory pattern adds a block per session on the second run: +4 GiB, no speed (tuning §14)
+        else:   # the memory pattern adds a block per session on the second run, at no speed (tuning §14)
             opts.enable_mem_pattern = False
         if shared_arena:
             opts.add_session_config_entry("session.use_env_allocators", "1")
@@ -219,10 +224,10 @@ class OnnxRuntimeBackend:
         weight, so each bf16 weight sits in an allocation of its own size and the temporaries (the e4m3
         copy and the fp32 product, 5 bytes per parameter) are returned at once. The two earlier layouts —
         temporaries left in the weights' arena, and one buffer for all weights from onnxruntime's default
-        power-of-two arena — held 107.7 and 98.3 GiB in total on the H200 against 89.8 (docs/tuning.md §8).
+        power-of-two arena — held more in total (docs/tuning.md §8).
         The e4m3 copy is made when the host tensor is bound, so it is released and the arena shrunk by an empty
-        run before the next weight; kept, its freed region took later bf16 weights and stayed pinned
-        (+25 GiB on the H100, which ran out of memory; §16)."""
+        run before the next weight; kept, its freed region took later bf16 weights and stayed pinned (an H100 ran
+        out of memory; §16)."""
         ort, dq = self.ort, self.manifest.dequantize(component, self.graph_variant)
         dev = self.devices[component]
         graph = self.manifest.root / dq["graph"]["file"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..base import BackendUnavailable
+from ..base import Backend, BackendUnavailable
 from .checks import (MODULES, check_architecture, check_builder, engine_entries, engines_section, has_fp8,
                      verify_engine)
 from .cuda import Cuda, DeviceArray
@@ -63,20 +63,21 @@ class _Engine:
     uncapturable: dict = field(default_factory=dict)     # key -> why capture failed
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
+    NAMES = ("tensorrt", "tensorrt-rtx")
+    FIXED = ("module",)
     graph_variant = "bf16"
     verifies_own_files = True      # engines are checked against the manifest's sha256 when loaded
 
-    def __init__(self, manifest, module: str | None = None, device_id: int = 0, components=None,
-                 cuda_graphs: bool = False, runtime_cache: str | Path | bool | None = None,
-                 verify_engines: bool = True, threads: int | None = None, memory_mode: str = "resident",
+    def __init__(self, manifest, module: str | None = None, device_id: int = 0,
+                 components: tuple[str, ...] | None = None, cuda_graphs: bool = False, runtime_cache: str | Path | bool | None = None,
+                 verify_engines: bool = True, memory_mode: str = "resident",
                  weight_streaming_budget: int | str | None = None):
         """module: None (the one that built the engines), "tensorrt" or "tensorrt-rtx" (refuse other engines).
         runtime_cache (TensorRT-RTX): file for JIT-compiled kernels; None = ~/.cache/ideogram4-engine/…, False = off.
         memory_mode: "resident" | "release_text_encoder" | "on_demand" (memory.py). weight_streaming_budget: bytes of
         streamable weights kept on the GPU in total, or "auto" (TensorRT's choice); engines built with
-        `--weight-streaming`. `threads` is accepted for signature compatibility with the other backends and unused."""
-        del threads
+        `--weight-streaming`."""
         self.manifest = manifest
         self.engines: dict[str, _Engine] = {}
         self.stream = None

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from ...contract import TRT_MODULES
 from ..base import BackendUnavailable
 from .errors import EngineChecksumError, EngineMismatch
 
-MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}       # builder name -> Python module
+MODULES = TRT_MODULES       # builder name -> Python module
 FP8_MIN_CC = (8, 9)            # FP8 tensor-core math: Ada (8.9), Hopper (9.0), Blackwell (10.x, 12.x)
 
 
