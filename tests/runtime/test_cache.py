@@ -259,18 +259,3 @@ def test_quantizing_ops_carry_their_own_types(tiny_w8a8_engines):
     body = onnx.load(str(m.graph_path("dit_cond.body", "cuda_fused_w8a8")), load_external_data=False).graph
     takes = {i.name: i.type.tensor_type.elem_type for i in body.input}
     assert all(takes[o] == declared[o] for o in node.output)
-
-
-def test_serve_passes_the_cache_options(tiny_engines):
-    """`ideogram4 serve --cache-threshold …` hands the replicas' Pipelines the same CacheOptions."""
-    from serve_server import have_serve
-    if not have_serve()[0]:
-        pytest.skip(have_serve()[1])
-    from ideogram4_engine.serve.cli import config_from_mapping
-    config, _ = config_from_mapping({"engines": str(tiny_engines), "backend": "onnxruntime-cpu",
-                                     "cache_threshold": "0.1", "cache_max_consecutive": 2, "cache_taylor": True})
-    assert config.pipeline_options["cache"] == CacheOptions(0.1, 2, 2, True)
-    config, _ = config_from_mapping({"engines": str(tiny_engines), "backend": "onnxruntime-cpu"})
-    assert "cache" not in config.pipeline_options
-    with pytest.raises(ValueError, match="--cache-taylor needs --cache-threshold"):
-        config_from_mapping({"engines": str(tiny_engines), "backend": "onnxruntime-cpu", "cache_taylor": True})
