@@ -101,20 +101,24 @@ def piece_component(raw: dict, name: str) -> dict | None:
 
 
 def check_sections(raw: dict, fail: Callable[[str], None], file_entry: Callable) -> None:
-    """Shape of the optional cache sections (exporter >= 11); the files are checked with the rest."""
+    """Shape of the optional cache sections (exporter >= 11); the files are checked with the rest. Any shape of
+    input gets a message, never a crash (tests/runtime/test_manifest_schema.py mutates every field)."""
     top = raw.get("first_block_cache")
     if top is None:
         return
     if not isinstance(top, dict):
         fail("`first_block_cache` must be an object")
     for op in OPS.values():
-        file_entry((top.get(op) or {}).get("graph"), f"first_block_cache.{op}.graph")
+        entry = top.get(op)
+        file_entry(entry.get("graph") if isinstance(entry, dict) else None, f"first_block_cache.{op}.graph")
     for d in DITS:
-        sec = raw["components"].get(d, {}).get("first_block_cache")
+        comp = raw["components"].get(d)
+        sec = comp.get("first_block_cache") if isinstance(comp, dict) else None
         if sec is None:
             continue
         for p in PIECES:
-            graphs = (sec.get(p) or {}).get("graphs") if isinstance(sec, dict) else None
+            piece = sec.get(p) if isinstance(sec, dict) else None
+            graphs = piece.get("graphs") if isinstance(piece, dict) else None
             if not isinstance(graphs, dict) or not graphs:
                 fail(f"`components.{d}.first_block_cache.{p}.graphs` must be an object of file entries")
             for v, e in graphs.items():

@@ -331,7 +331,6 @@ def _check(raw: dict, path: Path) -> None:
         if not (isinstance(kern, dict) and isinstance(kern.get("domain"), str) and isinstance(kern.get("variants"), dict)
                 and all(isinstance(k, str) and isinstance(v, str) for k, v in kern["variants"].items())):
             c.fail("`kernels` must be an object with `domain` (a string) and `variants` (stock -> fused variant names)")
-    cache.check_sections(raw, c.fail, c.file_entry)
     for name, comp in comps.items():
         if not isinstance(comp, dict):
             c.fail(f"`components.{name}` must be an object, found {_describe(comp)}")
@@ -371,6 +370,7 @@ def _check(raw: dict, path: Path) -> None:
             if not (isinstance(ios, list) and ios and all(isinstance(io, dict) and isinstance(io.get("name"), str)
                                                           for io in ios)):
                 c.fail(f"`components.{name}.{side}` must be a non-empty list of {{name, dtype, shape}} objects")
+    cache.check_sections(raw, c.fail, c.file_entry)
     problem = schema_error(raw)      # what the schema states and the checks above do not (schema.py)
     if problem:
         c.fail(f"does not follow the manifest schema: {problem} (re-run `make export`)")
