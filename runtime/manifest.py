@@ -4,15 +4,13 @@
 format and version, the sections, the four components with their graph variants, weight files and I/O
 names, sampler presets, RoPE tables, limits and the tokenizer folder with its files' sha256 (format 3: the
 tokenizer and chat template are covered like the graphs); and that every file the manifest names exists
-with its recorded size. `verify(manifest)` checks sha256s (streamed) and remembers, for this
-process, which unchanged files it has already verified. Every problem is a `ManifestError` (a ValueError)
+with its recorded size. `verify(manifest)` (verify.py) checks sha256s and remembers which unchanged files it
+has already verified, in this process and across processes. Every problem is a `ManifestError` (a ValueError)
 naming the folder or file and what was expected.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,7 +32,6 @@ FUSED = "_fused"                        # cuda<FUSED>[_dql]: the cuda twins with
 PRECISION_VARIANTS = {"faithful": None, "w8a8": "cuda_w8a8"}    # `exporter.precision` -> the graphs it adds
 REQUIRED_LIMITS = ("min_side", "max_side", "multiple", "max_aspect", "max_text_tokens")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-HASH_CHUNK = 8 << 20
 
 
 class ManifestError(ValueError):
@@ -412,63 +409,10 @@ def load_manifest(folder: Path | str) -> Manifest:
 
 # ---------------------------------------------------------------------------------------------- verify
 
-_verified: set[tuple] = set()     # (path, dev, ino, size, mtime_ns, ctime_ns, sha256) hashed OK in this process
-
-
-def _sha256(path: Path, chunk: int | None = None) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(chunk or HASH_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def _stat_key(path: Path, digest: str) -> tuple:
-    st = os.stat(path)
-    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
-
-
-def verify(manifest: Manifest, files: list[str] | None = None) -> list[str]:
-    """Check the sha256 of `files` (file names as in the manifest, or component names for all of a component's
-    files; default: every graph, weight and tokenizer file) against the manifest. Files verified earlier in this process
-    and unchanged since (same path, inode, size, mtime and ctime) are not read again. Returns the names that
-    were hashed this time; raises ManifestError naming the file, expected and actual hash on a mismatch."""
-    entries = {e["file"]: e for e in [*manifest.file_entries(), *manifest.tokenizer_entries]}
-    if files is None:
-        selected = list(entries.values())
-    else:
-        selected = []
-        for name in files:
-            if name in manifest.components:
-                selected += manifest.file_entries(name)
-            elif name in entries:
-                selected.append(entries[name])
-            else:
-                raise ManifestError(f"{manifest.path}: {name!r} is neither a file nor a component of the manifest; "
-                                    f"files: {', '.join(entries)}")
-    hashed = []
-    for entry in selected:
-        path = manifest.root / entry["file"]
-        try:
-            key = _stat_key(path, entry["sha256"])
-        except FileNotFoundError:
-            raise ManifestError(f"{manifest.path}: file {path} named by the manifest is missing") from None
-        if key in _verified:
-            continue
-        actual = _sha256(path)
-        hashed.append(entry["file"])
-        if actual != entry["sha256"]:
-            size = key[3]
-            raise ManifestError(f"{path}: sha256 mismatch: expected {entry['sha256']} ({entry['bytes']} bytes), "
-                                f"actual {actual} ({size} bytes); the file was modified or truncated after export "
-                                "(re-copy or re-run `make export`)")
-        if _stat_key(path, entry["sha256"]) == key:     # unchanged while it was read
-            _verified.add(key)
-    return hashed
-
-
-def forget_verified() -> None:
-    """Drop the in-process verification cache (tests, or after replacing files in place)."""
-    _verified.clear()
+def __getattr__(name: str):
+    """`verify` and `forget_verified` live in verify.py (the sha256 check and its digest cache); this keeps
+    `from .manifest import verify` working without a circular import."""
+    if name in ("verify", "forget_verified"):
+        from . import verify as checks
+        return getattr(checks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

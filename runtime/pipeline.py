@@ -50,8 +50,8 @@ class Pipeline:
         self.manifest: Manifest = engines if isinstance(engines, Manifest) else load_manifest(engines)
         self.tokenizer = tokenizer or PromptTokenizer.from_manifest(self.manifest)
         if verify_checksums:   # what this backend reads; a backend that checks its own files (TensorRT) says so
-            def before_load(variant: str) -> None:
-                verify(self.manifest, self.manifest.files_for_variant(variant))
+            def before_load(variant: str, components=None) -> None:      # called from loading threads too
+                verify(self.manifest, self.manifest.files_for_variant(variant, components))
             options["before_load"] = before_load
         self.backend = backends.create(backend, self.manifest, **options)
         if verify_checksums:   # a no-op for files hashed above (unchanged since): the guarantee, not the work

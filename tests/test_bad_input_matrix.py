@@ -305,11 +305,11 @@ def _tree(folder: Path) -> list[str]:
 
 
 def _forbid_loading(monkeypatch):
-    from ideogram4_engine.runtime import backends, manifest
+    from ideogram4_engine.runtime import backends, verify
 
     def fail(*a, **k):
         raise AssertionError("the request was not refused before hashing/loading")
-    monkeypatch.setattr(manifest, "_sha256", fail)
+    monkeypatch.setattr(verify, "_sha256", fail)
     monkeypatch.setattr(backends, "create", fail)
 
 
