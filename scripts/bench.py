@@ -442,7 +442,7 @@ def main() -> None:
     lp = sub.add_parser("load-profile", help="cold-start breakdown (scripts/load_profile.py)")
     lp.add_argument("--backend", default="onnxruntime-cuda")
     lp.add_argument("--warmup", default="1024x1024", help="the warm-up size (the server's default size)")
-    lp.add_argument("--scenarios", default="sequential,parallel-uncached,parallel-cached,noverify")
+    lp.add_argument("--scenarios", default="sequential,parallel-uncached,parallel-cached,noverify,ort-phases")
     lp.add_argument("--option", action="append", default=[], help="backend option key=value (as for runtime)")
     lp.add_argument("--out", default="", help="also append the records to this file")
     sub.add_parser("report")

@@ -23,6 +23,13 @@
 #             w8a8-deviation compares runtime-w8a8's latents and images with `runtime`'s
 #   check   : scripts/gpu_dequant_check.py on the tiny model (seconds): the cuda twin's FP8 MatMuls, no Memcpy,
 #             no weight Transpose left after onnxruntime's optimizations; latents vs dequantize_at_load
+#   load-profile: scripts/load_profile.py via bench.py: cold start to ready in fresh processes (sequential load
+#             without a digest cache, concurrent load with an empty then a filled cache, no checksums), per component
+#             sha256 / session-creation / warm-up times -> $OUT/load_profile.jsonl (docs/tuning.md §21)
+#   serve   : scripts/serve_bench.py on the prepared engines: in-process Pipeline.generate vs `ideogram4 serve` over
+#             HTTP and gRPC at 1024², the server's cold start to /readyz (digest cache filled, then empty), memory
+#             per replica -> $OUT/serve_bench.jsonl (+ server logs); Ray Serve from .device/serve/part-* (carried in
+#             the same call; scripts/stage_serve_wheels.sh) or /root/stage-serve/part-* (staged earlier)
 # Every stage copies results.jsonl and report.md to $OUT.
 set -uo pipefail
 ROOT=${ROOT:-/tmp/ideogram4_bench}
@@ -59,6 +66,15 @@ for stage in "$@"; do
     runtime-dqload-cfg) $B runtime --root "$ROOT" --backend onnxruntime-cuda --cases "$CASES" --option dequantize_at_load=true --option uncond_device_id=1 || rc=$? ;;
     probe)    python3 scripts/gpu_op_probe.py --out "$ROOT/probe.jsonl" ${PROBE_ONLY:+--only "$PROBE_ONLY"} || rc=$?; cp "$ROOT/probe.jsonl" "${OUT:-/tmp}"/ ;;
     profile)  $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 || rc=$? ;;
+    load-profile) $B load-profile --root "$ROOT" --backend onnxruntime-cuda --out "${OUT:-/tmp}/load_profile.jsonl" || rc=$? ;;
+    serve)    parts=$(ls .device/serve/part-* 2>/dev/null || ls /root/stage-serve/part-* 2>/dev/null)
+              if ! test -d /opt/serve/ray; then
+                { test -n "$parts" && mkdir -p /opt/serve && cat $parts | xz -dc | tar -x -C /opt/serve; } ||
+                  { echo "serve: no Ray Serve parts (run scripts/stage_serve_wheels.sh, carry .device/serve/part-0)"; rc=1; continue; }
+              fi
+              PYTHONPATH=/opt/serve:$PYTHONPATH python3 scripts/serve_bench.py --engines "$ROOT/engines" \
+                --backend onnxruntime-cuda --size 1024x1024 --preset V4_DEFAULT_20 --requests "${SERVE_REQUESTS:-3}" \
+                --uncached-start --out "${OUT:-/tmp}/serve_bench.jsonl" || rc=$? ;;
   esac
 done
 $B report --root "$ROOT" > /dev/null 2>&1

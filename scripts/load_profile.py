@@ -8,6 +8,8 @@ the warm-up (the server's: one step at --warmup size; then the same call again, 
   parallel-uncached parallel_load (default), an empty digest cache: a first start after export or copy
   parallel-cached   the same cache, now filled: every later start
   noverify          verify_checksums=False: the floor without any hashing
+  ort-phases        parallel-cached with onnxruntime's profiler on: each session's own phases (model_loading_uri:
+                    parse + external data; session_initialization: graph transforms, kernels, initializers to the GPU)
 Each record: process start to ready, imports, manifest + tokenizer, Pipeline (backend) time, events per file
 (sha256: start, end, bytes, thread) and per component (session: start, end), the time inside the Pipeline not
 covered by any of them, warm-up per component (first and second call) and GPU memory. The real functions run;
@@ -28,6 +30,7 @@ SCENARIOS = {
     "parallel-uncached": ({}, "fresh"),
     "parallel-cached": ({}, "keep"),
     "noverify": ({"verify_checksums": False}, "off"),
+    "ort-phases": ({}, "keep"),         # parallel-cached with onnxruntime's profiler: each session's load phases
 }
 
 
@@ -49,7 +52,30 @@ def _gpu_mib() -> list[int] | None:
         return None
 
 
-def child(engines: Path, backend: str, options: dict, warmup: tuple[int, int], spawned_at: float) -> dict:
+def _profile_sessions(Backend, phases: dict, lock) -> None:
+    """onnxruntime's profiler on every session the backend creates; its Session events kept per graph file."""
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="ort-load-profile-")
+    real_options, real_session = Backend._options, Backend._session
+
+    def options(self, *a, **k):
+        o = real_options(self, *a, **k)
+        o.enable_profiling, o.profile_file_prefix = True, os.path.join(folder, "ort")
+        return o
+
+    def session(self, path, *a, **k):
+        sess = real_session(self, path, *a, **k)
+        trace = sess.end_profiling()
+        got = {e["name"]: e["dur"] / 1e6 for e in json.loads(Path(trace).read_text()) if e.get("cat") == "Session"}
+        os.unlink(trace)
+        with lock:
+            phases[Path(path).name] = got
+        return sess
+    Backend._options, Backend._session = options, session
+
+
+def child(engines: Path, backend: str, options: dict, warmup: tuple[int, int], spawned_at: float,
+          ort_profile: bool = False) -> dict:
     """One cold start in this (fresh) process; returns its record."""
     t_import = time.perf_counter()
     from ideogram4_engine.runtime import kernels, verify as verify_mod
@@ -76,6 +102,9 @@ def child(engines: Path, backend: str, options: dict, warmup: tuple[int, int], s
 
     verify_mod._sha256 = timed("sha256", lambda p, *a: Path(p).name, verify_mod._sha256)
     Backend = ort_backend.OnnxRuntimeBackend
+    phases: dict[str, dict] = {}
+    if ort_profile:
+        _profile_sessions(Backend, phases, lock)
     Backend._session = timed("session", lambda self, p, *a, **k: Path(p).name, Backend._session)
     kernels.check = timed("kernels_check", lambda *a, **k: "library", kernels.check)
     ort_backend._register_shared_arena = timed("shared_arena", lambda ort, dev, i, s: f"{dev}:{i}",
@@ -136,7 +165,7 @@ def child(engines: Path, backend: str, options: dict, warmup: tuple[int, int], s
             "session_wall_s": _union([(e["start"], e["end"]) for e in events if e["kind"] == "session"]),
             "uncovered_s": pipeline_s - _union(inside), "components": components,
             "warmup_first": warm[0], "warmup_second": warm[1], "gpu_mib_after_load": gpu_after_load,
-            "gpu_mib_after_warmup": _gpu_mib(), "events": events}
+            "gpu_mib_after_warmup": _gpu_mib(), "ort_session_phases_s": phases, "events": events}
 
 
 def read_rates(engines: Path) -> dict:
@@ -174,7 +203,7 @@ def run(root: Path, backend: str, options: dict, warmup: tuple[int, int], scenar
             cache.unlink(missing_ok=True)
         env["IDEOGRAM4_VERIFY_CACHE"] = "off" if mode == "off" else str(cache)
         spec = json.dumps({"engines": str(engines), "backend": backend, "options": {**options, **extra},
-                           "warmup": list(warmup)})
+                           "warmup": list(warmup), "ort_profile": name == "ort-phases"})
         spawned = time.time()
         r = subprocess.run([sys.executable, __file__, "--child", spec, repr(spawned)], env=env, capture_output=True,
                            text=True)
@@ -196,13 +225,16 @@ def summary_line(r: dict) -> str:
     comp = ", ".join(f"{c} {v['sha256_s']:.1f}+{v['session_s']:.1f}" for c, v in r["components"].items())
     return (f"load-profile {r['scenario']}: ready {r['ready_s']:.1f} s = imports {r['imports_s']:.1f} + manifest/"
             f"tokenizer {r['manifest_s'] + r['tokenizer_s']:.1f} + Pipeline {r['pipeline_s']:.1f} (sha256 "
-            f"{r['sha256_total_s']:.1f} s over {r['sha256_bytes'] / 1e9:.1f} GB, wall {r['sha256_wall_s']:.1f}; sessions "
+            f"{r['sha256_total_s']:.1f} s over {r['sha256_bytes'] / 1e9:.2f} GB, wall {r['sha256_wall_s']:.1f}; sessions "
             f"{r['session_total_s']:.1f}, wall {r['session_wall_s']:.1f}; other {r['uncovered_s']:.1f}) + warm-up "
             f"{r['warmup_first']['total_s']:.1f} (again: {r['warmup_second']['total_s']:.2f}); per component "
-            f"sha256+session s: {comp}")
+            f"sha256+session s: {comp}" + ("; onnxruntime phases s: " + ", ".join(
+                f"{g} " + "/".join(f"{v:.1f}" for v in p.values()) for g, p in r["ort_session_phases_s"].items())
+                if r.get("ort_session_phases_s") else ""))
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--child":
     spec = json.loads(sys.argv[2])
-    rec = child(Path(spec["engines"]), spec["backend"], spec["options"], tuple(spec["warmup"]), float(sys.argv[3]))
+    rec = child(Path(spec["engines"]), spec["backend"], spec["options"], tuple(spec["warmup"]), float(sys.argv[3]),
+                spec["ort_profile"])
     print(json.dumps(rec), flush=True)

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +87,8 @@ class Worker:
         self.pipe.generate(WARMUP_PROMPT, width=warmup[0], height=warmup[1], steps=1, guidance=1.0, seed=0)
         self.gpu = GpuMemory()
         self.ready_s = time.perf_counter() - t0
+        print(f"ideogram4 replica {self.replica}: loaded in {self.pipe.load_seconds:.2f} s, warmed up in "
+              f"{self.ready_s - self.pipe.load_seconds:.2f} s ({self.pipe.backend.name})", file=sys.stderr, flush=True)
 
     def info(self) -> dict:
         return {"replica": self.replica, "backend": self.pipe.backend.name, "load_s": self.pipe.load_seconds,
