@@ -12,7 +12,8 @@ the warm-up (the server's: one step at --warmup size; then the same call again, 
                     parse + external data; session_initialization: graph transforms, kernels, initializers to the GPU)
 Each record: process start to ready, imports, manifest + tokenizer, Pipeline (backend) time, events per file
 (sha256: start, end, bytes, thread) and per component (session: start, end), the time inside the Pipeline not
-covered by any of them, warm-up per component (first and second call) and GPU memory. The real functions run;
+covered by any of them, warm-up per component (first and second call), GPU memory and the host's peak RSS
+during the load (sessions built side by side may hold more host memory at once). The real functions run;
 they are wrapped only to be timed.
 """
 from __future__ import annotations
@@ -119,6 +120,8 @@ def child(engines: Path, backend: str, options: dict, warmup: tuple[int, int], s
     pipe = Pipeline(manifest, backend=backend, tokenizer=tokenizer, **options)
     pipeline_s = time.perf_counter() - t_pipe
     gpu_after_load = _gpu_mib()
+    import resource
+    host_peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # concurrent loads hold more at once
 
     warm = []
     run = pipe.backend.run
@@ -164,7 +167,7 @@ def child(engines: Path, backend: str, options: dict, warmup: tuple[int, int], s
             "session_total_s": sum(e["end"] - e["start"] for e in events if e["kind"] == "session"),
             "session_wall_s": _union([(e["start"], e["end"]) for e in events if e["kind"] == "session"]),
             "uncovered_s": pipeline_s - _union(inside), "components": components,
-            "warmup_first": warm[0], "warmup_second": warm[1], "gpu_mib_after_load": gpu_after_load,
+            "warmup_first": warm[0], "warmup_second": warm[1], "gpu_mib_after_load": gpu_after_load, "host_peak_rss_mib_load": host_peak_mib,
             "gpu_mib_after_warmup": _gpu_mib(), "ort_session_phases_s": phases, "events": events}
 
 
