@@ -25,10 +25,21 @@ if [ -z "$(ls "$cache"/wheels/ray-*.whl 2>/dev/null)" ]; then
 fi
 if [ ! -s "$cache/serve-tree.tar.xz" ]; then
   tree=$(mktemp -d)
-  for w in "$cache"/wheels/*.whl; do python3 -m zipfile -e "$w" "$tree" >/dev/null; done
+  # unzip keeping the mode bits (python -m zipfile -e drops them: raylet, gcs_server and haproxy must stay executable)
+  python3 - "$tree" "$cache"/wheels/*.whl <<'PY'
+import os, sys, zipfile
+for wheel in sys.argv[2:]:
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            path = z.extract(info, sys.argv[1])
+            if not info.is_dir() and (info.external_attr >> 16) & 0o777:
+                os.chmod(path, (info.external_attr >> 16) & 0o777)
+PY
   rm -rf "$tree"/*.data "$tree"/ray/jars "$tree"/ray/dashboard/client "$tree"/ray/rllib "$tree"/ray/tune \
          "$tree"/ray/train "$tree"/ray/llm
   find "$tree" -name __pycache__ -type d -prune -exec rm -rf {} +
+  test -x "$tree/ray/core/src/ray/raylet/raylet" -a -x "$tree/ray/core/src/ray/gcs/gcs_server" ||
+    { echo "error: Ray's binaries lost their executable bit"; exit 1; }
   tar -cf - -C "$tree" . | xz -9 -T0 > "$cache/serve-tree.tar.xz.tmp"
   mv "$cache/serve-tree.tar.xz.tmp" "$cache/serve-tree.tar.xz"
   rm -rf "$tree"
