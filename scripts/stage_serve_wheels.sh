@@ -2,7 +2,7 @@
 # Stage Ray Serve and its dependencies (the `serve` extra, Python 3.12 manylinux wheels) for the GPU machine, which
 # cannot reach a package registry. The 73 wheels are 118 MB; installed (unzipped) and without the parts of Ray a
 # server never loads (Java jars 33 MB, the dashboard's web client, rllib/tune/train/llm) they pack with xz into
-# one ~53 MB archive: one part under .device/serve/ (git-ignored via .git/info/exclude) that one device call
+# one ~52 MB archive: one part under .device/serve/ (git-ignored via .git/info/exclude) that one device call
 # carries next to the project (64 MiB in all), so the `serve` stage of gpu_bench.sh needs no staging call of its
 # own. numpy is left out: the image's numpy stays in charge. Nothing is pip-installed on the device: the archive
 # is the installed tree, put first on PYTHONPATH.
