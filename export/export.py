@@ -33,6 +33,7 @@ from ..runtime.tempfiles import temp_name
 from .checkpoint import Checkpoint, Component, TensorSource, open_checkpoint
 from .dit import rope_inv_freq
 from .files import recover_dir, replace_dir, sha256_file
+from .first_block_cache import write_ops, write_pieces
 from .fp8 import quantize_rows
 from .graphs.builder import IR_VERSION, OPSET, GraphBuilder
 from .graphs.rewrite import (bf16_to_fp32_emulation, cpu_dequantized_at_load, cuda_dequantized_at_load, for_cuda,
@@ -41,8 +42,9 @@ from .graphs.fuse import cuda_fused_dequantized_at_load, for_cuda_fused, kernels
 from .graphs.w8a8 import for_cuda_fused_w8a8, for_cuda_w8a8
 from .inventory import scale_name
 
-EXPORTER_VERSION = 10         # bump whenever the graphs an unchanged checkpoint exports would change (9: cuda_fused twins; 10: bf16 MRoPE table)
+EXPORTER_VERSION = 11         # bump whenever the graphs an unchanged checkpoint exports would change (9: cuda_fused twins; 10: bf16 MRoPE table; 11: first-block cache pieces, the other graphs unchanged)
 COMPONENTS = ("text_encoder", "dit_cond", "dit_uncond", "vae_decoder")
+CACHED = ("dit_cond", "dit_uncond")      # cut into head / body / tail for the first-block cache (graphs/cache.py)
 SOURCE = {"text_encoder": "text_encoder", "dit_cond": "transformer", "dit_uncond": "unconditional_transformer",
           "vae_decoder": "vae"}
 WEIGHT_MODES = ("fp8", "keep")
@@ -303,8 +305,10 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
                 model = builder.save(graph)
             paths: dict[str, Path] = {}
             written: dict[bytes, Path] = {}         # a derived variant with nothing to change shares its twin's file
+            twins: dict[str, onnx.ModelProto] = {}
             for variant, rewrite in rewrites.items():
-                data = rewrite(model).SerializeToString()
+                twins[variant] = rewrite(model)
+                data = twins[variant].SerializeToString()
                 if (FUSED in variant or variant in PRECISION_VARIANTS[opts.precision]) and data in written:
                     paths[variant] = written[data]
                     continue
@@ -322,10 +326,13 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
             table = _fp8_weight_table(model)
             if table:
                 components[name]["dequantize"] = {"graph": dequantize, "weights": table}
+            if name in CACHED:
+                components[name]["first_block_cache"] = write_pieces(name, twins, builder.marks, ins, outs, table, tmp)
             log(f"{name}: {builder.weight_bytes / 1e6:.1f} MB of weights "
                 f"({builder.weight_bytes / comp.files.nbytes:.3f}x the checkpoint's), "
                 f"{time.perf_counter() - t0:.1f} s")
         components["guided_step"] = _write_guided_step(tmp, graph_use)
+        cache_ops = write_ops(tmp)
         engines = _carry_engines(old, out, tmp)
         shutil.copytree(ckpt.root / "tokenizer", tmp / "tokenizer")
         static = _static_sections(ckpt)
@@ -346,6 +353,7 @@ def export(checkpoint: Path | str, out: Path | str, opts: ExportOptions = Export
             "components": components,
         }
         manifest["kernels"] = kernels_section(opts.precision)
+        manifest["first_block_cache"] = cache_ops
         if engines:
             manifest["engines"] = engines
         validate_manifest(manifest)
@@ -460,7 +468,8 @@ def _reuse(old: dict | None, out: Path, tmp: Path, name: str, key: str) -> dict 
     entry = (old or {}).get("components", {}).get(name)
     if not entry or entry.get("cache_key") != key:
         return None
-    files = list({f["file"]: f for f in [*entry["graphs"].values(), entry["data"]]}.values())
+    pieces = [e for p in (entry.get("first_block_cache") or {}).values() for e in p["graphs"].values()]
+    files = list({f["file"]: f for f in [*entry["graphs"].values(), entry["data"], *pieces]}.values())
     if any(not (out / f["file"]).is_file() or (out / f["file"]).stat().st_size != f["bytes"] for f in files):
         return None
     for f in files:

@@ -38,7 +38,7 @@ done
 last=${arches##* }
 gencode+=(-gencode "arch=compute_$last,code=compute_$last")
 
-src=(fused.cu fused_rows.cu ort_ops.cu fp8_quant.cu fp8_gemm.cu w8a8_ops.cu)
+src=(fused.cu fused_warp.cu ort_ops.cu fp8_quant.cu fp8_gemm.cu w8a8_ops.cu)
 mkdir -p "$(dirname "$out")"
 tmp_so="$(dirname "$out")/.$(basename "$out").tmp-$$"
 trap 'rm -f "$tmp_so"' EXIT

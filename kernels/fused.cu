@@ -39,7 +39,7 @@ __device__ __forceinline__ void modulate_row(const bf16* x, const bf16* gain, co
 
 // The same values, quantized per row instead of stored (fp8_quant.cuh's rules on the bf16 values): one walk for
 // the row's amax, a block max, a second walk that recomputes each value (same arithmetic, same bits) and stores
-// its e4m3 code. The scalar-capable path for shapes the register-resident kernels (fused_rows.cu) do not take.
+// its e4m3 code. The scalar-capable path for shapes the warp-per-row kernels (fused_warp.cu) do not take.
 template <bool V4>
 __device__ __forceinline__ void quantize_modulated_row(const bf16* x, const bf16* gain, const bf16* scale, uint8_t* q,
                                                        float* q_scale, int n, float inv, float clamp, float* buf) {
@@ -214,14 +214,30 @@ struct DeviceFacts {
   int sms = 0, max_threads = 0;
 };
 
-DeviceFacts device_facts(cudaStream_t stream) {
-  static std::mutex mu;
-  static DeviceFacts cache[64];
+// The stream's device, asked of CUDA once per stream (in onnxruntime's warm-up run) and remembered, so that a
+// CUDA-graph capture sees kernel launches only, no stream queries.
+int stream_device(cudaStream_t stream, std::mutex& mu) {
+  static cudaStream_t streams[64];
+  static int devices[64], known = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (int i = 0; i < known; ++i)
+      if (streams[i] == stream) return devices[i];
+  }
   int dev = 0;
   if (cudaStreamGetDevice(stream, &dev) != cudaSuccess) {
     cudaGetLastError();
     cudaGetDevice(&dev);
   }
+  std::lock_guard<std::mutex> lock(mu);
+  if (known < 64) streams[known] = stream, devices[known++] = dev;
+  return dev;
+}
+
+DeviceFacts device_facts(cudaStream_t stream) {
+  static std::mutex mu;
+  static DeviceFacts cache[64];
+  const int dev = stream_device(stream, mu);
   std::lock_guard<std::mutex> lock(mu);
   DeviceFacts& f = cache[dev & 63];
   if (f.sms == 0) {
@@ -261,9 +277,11 @@ void preload() {
   cudaFuncGetAttributes(&a, qkv_norm_rope_kernel<false>);
   cudaFuncGetAttributes(&a, swiglu_kernel<true>);
   cudaFuncGetAttributes(&a, swiglu_kernel<false>);
-  preload_rows();
+  preload_warp();
   cudaGetLastError();
 }
+
+int stream_sms(cudaStream_t stream) { return std::max(1, device_facts(stream).sms); }
 
 int ort_norm_threads_y(cudaStream_t stream, int64_t rows, int n) {
   if (const char* forced = std::getenv("IDEOGRAM4_KERNELS_NORM_THREADS_Y")) {   // for bisecting on a new build
@@ -280,17 +298,13 @@ int ort_norm_threads_y(cudaStream_t stream, int64_t rows, int n) {
   return ty;
 }
 
-bool legacy_norm_requested() {
-  const char* v = std::getenv("IDEOGRAM4_KERNELS_LEGACY_NORM");
-  return v != nullptr && (std::strcmp(v, "1") == 0 || std::strcmp(v, "true") == 0 || std::strcmp(v, "on") == 0);
-}
-
 cudaError_t norm_modulate(cudaStream_t stream, const bf16* x, const bf16* gain, const bf16* scale, bf16* y,
-                          int64_t rows, int n, int64_t rows_per_scale, float eps, const Fp8Out& fq, bool legacy) {
+                          int64_t rows, int n, int64_t rows_per_scale, float eps, const Fp8Out& fq) {
   const int ty = ort_norm_threads_y(stream, rows, n);
   if (rows_per_scale <= 0 || (fq.q != nullptr && fq.scale == nullptr) || (fq.q == nullptr && y == nullptr))
     return cudaErrorInvalidValue;
-  if (!legacy && norm_modulate_rows(stream, ty, x, gain, scale, y, rows, n, rows_per_scale, eps, fq))
+  if (rows_ty2(stream, ty, nullptr, x, nullptr, nullptr, gain, scale, nullptr, y, rows, n, rows_per_scale,
+                          eps, 0.f, fq))
     return cudaGetLastError();
   const dim3 block(32, ty);
   const bool v4 = n % 4 == 0 && aligned(x, 8) && aligned(gain, 8) && aligned(scale, 8) && (fq.q || aligned(y, 8));
@@ -307,15 +321,14 @@ cudaError_t norm_modulate(cudaStream_t stream, const bf16* x, const bf16* gain, 
 
 cudaError_t gated_residual(cudaStream_t stream, const bf16* h, const bf16* branch, const bf16* gain,
                            const bf16* gate, const bf16* gain2, const bf16* scale, bf16* h_out, bf16* y,
-                           int64_t rows, int n, int64_t rows_per_gate, float eps, float eps2, const Fp8Out& fq,
-                           bool legacy) {
+                           int64_t rows, int n, int64_t rows_per_gate, float eps, float eps2, const Fp8Out& fq) {
   // both norms see the same row count and width, so onnxruntime picks the same layout for them
   const int ty = ort_norm_threads_y(stream, rows, n);
   const bool mod = gain2 != nullptr && scale != nullptr;
   if (rows_per_gate <= 0 || (mod && fq.q == nullptr && y == nullptr) || (fq.q != nullptr && (!mod || !fq.scale)))
     return cudaErrorInvalidValue;
-  if (!legacy && gated_residual_rows(stream, ty, h, branch, gain, gate, gain2, scale, h_out, y, rows, n, rows_per_gate,
-                                     eps, eps2, fq))
+  if (rows_ty2(stream, ty, h, branch, gain, gate, gain2, scale, h_out, y, rows, n, rows_per_gate, eps,
+                          eps2, fq))
     return cudaGetLastError();
   const dim3 block(32, ty);
   const bool v4 = n % 4 == 0 && aligned(h, 8) && aligned(branch, 8) && aligned(gain, 8) && aligned(gate, 8) &&
@@ -339,6 +352,8 @@ cudaError_t qkv_norm_rope(cudaStream_t stream, const bf16* qkv, const bf16* gain
                           const bf16* cos, const bf16* sin, bf16* q, bf16* k, bf16* v, int64_t tokens, int heads,
                           int head_dim, float eps_q, float eps_k) {
   const int ty = ort_norm_threads_y(stream, tokens * heads, head_dim);   // each norm node sees tokens*heads rows
+  if (qkv_ty2(stream, ty, qkv, gain_q, gain_k, cos, sin, q, k, v, tokens, heads, head_dim, eps_q, eps_k))
+    return cudaGetLastError();
   const int per_block = std::max(1, 8 / ty);
   const dim3 block(32, ty, per_block);
   const size_t shared = static_cast<size_t>(per_block) * (head_dim + 32) * sizeof(float);

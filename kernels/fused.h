@@ -21,20 +21,17 @@ struct Fp8Out {
   float clamp = 0.f;
 };
 
-// Which norm kernels run: the register-resident ones of fused_rows.cu where the shape allows (default), or the
-// first, GPU-validated ones of fused.cu (`legacy`; both keep onnxruntime's summation order). The ops read
-// IDEOGRAM4_KERNELS_LEGACY_NORM=1 when onnxruntime creates them (a fallback for one release: docs/runtime.md).
-bool legacy_norm_requested();
-
 // onnxruntime's RMSNormalization (cuApplyLayerNorm) reduces a row with 32 x threads_y threads; the sums, and so
 // the bits, depend on that layout. This is its choice for `rows` rows of `n` elements on the stream's GPU.
 int ort_norm_threads_y(cudaStream_t stream, int64_t rows, int n);
 
+// The multiprocessor count of the stream's GPU (cached per stream: no CUDA query during a graph capture).
+int stream_sms(cudaStream_t stream);
+
 // y = bf16(bf16(RMSNorm(x) * gain) * bf16(1 + scale)); x (rows, n), gain (n), scale (rows / rows_per_scale, n).
 // With q.q set, y is not written (may be null) and q/scale receive the quantized y.
 cudaError_t norm_modulate(cudaStream_t stream, const bf16* x, const bf16* gain, const bf16* scale, bf16* y,
-                          int64_t rows, int n, int64_t rows_per_scale, float eps, const Fp8Out& q = Fp8Out(),
-                          bool legacy = false);
+                          int64_t rows, int n, int64_t rows_per_scale, float eps, const Fp8Out& q = Fp8Out());
 
 // h_out = bf16(h + bf16(bf16(tanh(gate)) * bf16(RMSNorm(branch) * gain))); gate (rows / rows_per_gate, n).
 // With gain2/scale non-null also y = norm_modulate(h_out; gain2, scale, eps2) (the next modulation), as bf16 y
@@ -42,7 +39,7 @@ cudaError_t norm_modulate(cudaStream_t stream, const bf16* x, const bf16* gain, 
 cudaError_t gated_residual(cudaStream_t stream, const bf16* h, const bf16* branch, const bf16* gain,
                            const bf16* gate, const bf16* gain2, const bf16* scale, bf16* h_out, bf16* y,
                            int64_t rows, int n, int64_t rows_per_gate, float eps, float eps2,
-                           const Fp8Out& q = Fp8Out(), bool legacy = false);
+                           const Fp8Out& q = Fp8Out());
 
 // qkv (tokens, 3, heads, head_dim) -> q, k, v (tokens, heads * head_dim): q and k RMS-normalized per head
 // (gain_q, gain_k), then rotated: out = bf16(bf16(x * cos) + bf16(swap_halves(x) * sin)) with `sin` already
@@ -57,13 +54,15 @@ cudaError_t swiglu(cudaStream_t stream, const bf16* a, const bf16* b, bf16* out,
 // The same SwiGLU values quantized per row of n (q.q and q.scale required): (rows, n) -> e4m3 + (rows) scales.
 cudaError_t swiglu_fp8(cudaStream_t stream, const bf16* a, const bf16* b, int64_t rows, int n, const Fp8Out& q);
 
-// The register-resident norm kernels (fused_rows.cu). Each returns false, launching nothing, when the shape or
-// alignment is outside what it handles (the caller then runs fused.cu's kernel); ty is onnxruntime's layout.
-bool norm_modulate_rows(cudaStream_t stream, int ty, const bf16* x, const bf16* gain, const bf16* scale, bf16* y,
-                        int64_t rows, int n, int64_t rows_per_scale, float eps, const Fp8Out& q);
-bool gated_residual_rows(cudaStream_t stream, int ty, const bf16* h, const bf16* branch, const bf16* gain,
-                         const bf16* gate, const bf16* gain2, const bf16* scale, bf16* h_out, bf16* y, int64_t rows,
-                         int n, int64_t rows_per_gate, float eps, float eps2, const Fp8Out& q);
-void preload_rows();
+// The warp-per-row kernels (fused_warp.cu): onnxruntime's threads_y-2 reduction with one warp per row and
+// 16-byte accesses. Each returns false, launching nothing, when the layout (ty), shape or alignment is outside what
+// it handles; the caller then runs fused.cu's kernel. rows_ty2: NormModulate (h null), GatedResidual (gain2/scale
+// null) and GatedResidualModulate, per = rows per gate/scale row.
+bool rows_ty2(cudaStream_t stream, int ty, const bf16* h, const bf16* x, const bf16* gain, const bf16* gate,
+              const bf16* gain2, const bf16* scale, bf16* h_out, bf16* y, int64_t rows, int n, int64_t per,
+              float eps, float eps2, const Fp8Out& q);
+bool qkv_ty2(cudaStream_t stream, int ty, const bf16* qkv, const bf16* gain_q, const bf16* gain_k, const bf16* cos,
+             const bf16* sin, bf16* q, bf16* k, bf16* v, int64_t tokens, int heads, int hd, float eps_q, float eps_k);
+void preload_warp();
 
 }  // namespace i4k

@@ -1,5 +1,5 @@
-// Device helpers shared by the fused kernels (fused.cu: the first, GPU-validated kernels; fused_rows.cu: the
-// register-resident ones): bf16 rounding, 4-wide access, and onnxruntime's RMSNormalization element order and
+// Device helpers shared by the fused kernels (fused.cu: the general ones, any layout and shape; fused_warp.cu: the
+// warp-per-row ones at the DiT's shapes): bf16 rounding, 4-wide access, and onnxruntime's RMSNormalization element order and
 // reduction tree (fused.cu's header comment says what that order is and why it matters).
 #pragma once
 #include "fused.h"

@@ -58,6 +58,9 @@ void require(bool ok, const std::string& what) {
 }
 
 void launched(cudaError_t e, const char* op) {
+  if (e == cudaErrorStreamCaptureInvalidated)   // the capture was broken before this op: the cause is upstream
+    throw Failure{std::string("CUDA graph capture was already invalidated when ") + op +
+                  " launched (an earlier node made a call not allowed during capture; docs/tuning.md §21)"};
   if (e != cudaSuccess)
     throw Failure{std::string("CUDA launch failed: ") + cudaGetErrorString(e) + " (" + op +
                   "; this library has machine code for sm " I4K_ARCHES ")"};
@@ -105,8 +108,7 @@ cudaStream_t stream_of(Ort::KernelContext& ctx) { return static_cast<cudaStream_
 
 // ----------------------------------------------------------------------------------------------------- kernels
 
-// Each op: kName, kInputs, kOutputs, output_type(i), compute(ctx); `legacy` is set when onnxruntime creates the
-// kernel (IDEOGRAM4_KERNELS_LEGACY_NORM, fused.h). The *Fp8 ops write the modulated / SwiGLU output as
+// Each op: kName, kInputs, kOutputs, output_type(i), compute(ctx). The *Fp8 ops write the modulated / SwiGLU output as
 // Fp8QuantizeRows would from it: e4m3 codes of its shape and one fp32 scale per row (attribute clamp, default 0).
 struct Bf16Outputs {
   static ONNXTensorElementDataType output_type(size_t) { return kBF16; }
@@ -118,7 +120,6 @@ struct NormModulateT {   // (x, gain, scale) -> bf16(bf16(RMSNorm(x) * gain) * b
   static constexpr size_t kInputs = 3, kOutputs = kFp8 ? 2 : 1;
   static ONNXTensorElementDataType output_type(size_t i) { return !kFp8 ? kBF16 : i == 0 ? kE4M3 : kF32; }
   float eps, clamp;
-  bool legacy = false;
   explicit NormModulateT(const Ort::ConstKernelInfo& info)
       : eps(info.GetAttribute<float>("epsilon")), clamp(optional_float(info, "clamp", 0.f)) {}
   void compute(Ort::KernelContext& ctx) {
@@ -128,8 +129,8 @@ struct NormModulateT {   // (x, gain, scale) -> bf16(bf16(RMSNorm(x) * gain) * b
     bf16* y = kFp8 ? nullptr : output(ctx, 0, x.shape);
     const i4k::Fp8Out q = kFp8 ? fp8_outputs(ctx, 0, x.shape, clamp) : i4k::Fp8Out();
     if (x.size)
-      launched(i4k::norm_modulate(stream_of(ctx), x.data, gain.data, scale.data, y, x.size / n, int(n), per, eps, q,
-                                  legacy), kName);
+      launched(i4k::norm_modulate(stream_of(ctx), x.data, gain.data, scale.data, y, x.size / n, int(n), per, eps, q),
+               kName);
   }
 };
 using NormModulate = NormModulateT<false>;
@@ -139,7 +140,6 @@ struct GatedResidual : Bf16Outputs {   // (h, branch, gain, gate) -> h + bf16(ta
   static constexpr const char* kName = "GatedResidual";
   static constexpr size_t kInputs = 4, kOutputs = 1;
   float eps;
-  bool legacy = false;
   explicit GatedResidual(const Ort::ConstKernelInfo& info) : eps(info.GetAttribute<float>("epsilon")) {}
   void compute(Ort::KernelContext& ctx) {
     const In h = input(ctx, 0), b = input(ctx, 1), gain = input(ctx, 2), gate = input(ctx, 3);
@@ -149,7 +149,7 @@ struct GatedResidual : Bf16Outputs {   // (h, branch, gain, gate) -> h + bf16(ta
     bf16* ho = output(ctx, 0, h.shape);
     if (h.size)
       launched(i4k::gated_residual(stream_of(ctx), h.data, b.data, gain.data, gate.data, nullptr, nullptr, ho, nullptr,
-                                   h.size / n, int(n), per, eps, 0.f, i4k::Fp8Out(), legacy), kName);
+                                   h.size / n, int(n), per, eps, 0.f), kName);
   }
 };
 
@@ -159,7 +159,6 @@ struct GatedResidualModulateT {   // (h, branch, gain, gate, gain2, scale) -> (h
   static constexpr size_t kInputs = 6, kOutputs = kFp8 ? 3 : 2;
   static ONNXTensorElementDataType output_type(size_t i) { return !kFp8 || i == 0 ? kBF16 : i == 1 ? kE4M3 : kF32; }
   float eps, eps2, clamp;
-  bool legacy = false;
   explicit GatedResidualModulateT(const Ort::ConstKernelInfo& info)
       : eps(info.GetAttribute<float>("epsilon")), eps2(info.GetAttribute<float>("epsilon2")),
         clamp(optional_float(info, "clamp", 0.f)) {}
@@ -177,7 +176,7 @@ struct GatedResidualModulateT {   // (h, branch, gain, gate, gain2, scale) -> (h
     const i4k::Fp8Out q = kFp8 ? fp8_outputs(ctx, 1, h.shape, clamp) : i4k::Fp8Out();
     if (h.size)
       launched(i4k::gated_residual(stream_of(ctx), h.data, b.data, gain.data, gate.data, gain2.data, scale.data, ho, y,
-                                   h.size / n, int(n), per, eps, eps2, q, legacy), kName);
+                                   h.size / n, int(n), per, eps, eps2, q), kName);
   }
 };
 using GatedResidualModulate = GatedResidualModulateT<false>;
@@ -186,7 +185,6 @@ using GatedResidualModulateFp8 = GatedResidualModulateT<true>;
 struct QkvNormRope : Bf16Outputs {   // (qkv, gain_q, gain_k, cos, sin_signed) -> q, k, v as (..., heads * head_dim)
   static constexpr const char* kName = "QkvNormRope";
   static constexpr size_t kInputs = 5, kOutputs = 3;
-  bool legacy = false;
   int64_t heads;
   float eps_q, eps_k;
   explicit QkvNormRope(const Ort::ConstKernelInfo& info)
@@ -217,7 +215,6 @@ struct QkvNormRope : Bf16Outputs {   // (qkv, gain_q, gain_k, cos, sin_signed) -
 struct SwiGLU : Bf16Outputs {   // (a, b) -> bf16(bf16(silu(a)) * b)
   static constexpr const char* kName = "SwiGLU";
   static constexpr size_t kInputs = 2, kOutputs = 1;
-  bool legacy = false;
   explicit SwiGLU(const Ort::ConstKernelInfo&) {}
   void compute(Ort::KernelContext& ctx) {
     const In a = input(ctx, 0), b = input(ctx, 1);
@@ -232,7 +229,6 @@ struct SwiGLUFp8 {   // (a, b) -> the SwiGLU values quantized per row of the las
   static constexpr size_t kInputs = 2, kOutputs = 2;
   static ONNXTensorElementDataType output_type(size_t i) { return i == 0 ? kE4M3 : kF32; }
   float clamp;
-  bool legacy = false;
   explicit SwiGLUFp8(const Ort::ConstKernelInfo& info) : clamp(optional_float(info, "clamp", 0.f)) {}
   void compute(Ort::KernelContext& ctx) {
     const In a = input(ctx, 0), b = input(ctx, 1);
@@ -256,7 +252,6 @@ struct Kernel {
   K k;
   explicit Kernel(const OrtKernelInfo* info) : k(Ort::ConstKernelInfo(info)) {
     i4k::preload();
-    k.legacy = i4k::legacy_norm_requested();
   }
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {

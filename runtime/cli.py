@@ -13,7 +13,8 @@ import traceback
 from pathlib import Path
 
 from . import errors
-from .cli_args import HelpFormatter, add_prompt_arguments, finite_float, guidance_values, read_prompts
+from .cli_args import (HelpFormatter, add_cache_arguments, add_prompt_arguments, cache_options, finite_float,
+                       guidance_values, read_prompts)
 from .image import check_writable, save_pngs
 
 MODEL_ID = "ideogram-4-fp8"
@@ -62,14 +63,23 @@ def _backend_options(args) -> dict:
     return options
 
 
-def png_metadata(request, index: int, backend: str, synthetic: bool, precision: str = "faithful") -> dict[str, str]:
+def cache_label(cache) -> str:
+    """The first-block cache's settings as the PNG metadata and reports record them ("off" without)."""
+    if cache is None:
+        return "off"
+    return (f"threshold={cache.threshold!r},warmup={cache.warmup},max_consecutive={cache.max_consecutive},"
+            f"taylor={cache.taylor}")
+
+
+def png_metadata(request, index: int, backend: str, synthetic: bool, precision: str = "faithful",
+                 cache=None) -> dict[str, str]:
     """What reproduces image `index` of a request (docs/runtime.md, "Reproducing an image")."""
     s = request.sampling
     return {"prompt": request.prompts[index], "seed": str(request.seed), "batch_index": str(request.batch_index + index),
             "batch_size": str(len(request.prompts)), "preset": s.preset or "custom", "steps": str(s.steps),
             "mu": repr(s.mu), "std": repr(s.std), "guidance": ",".join(map(repr, s.guidance)),
             "size": f"{request.width}x{request.height}", "model": MODEL_ID + (" SYNTHETIC weights" if synthetic else ""),
-            "backend": backend, "precision": precision,
+            "backend": backend, "precision": precision, "first_block_cache": cache_label(cache),
             "seed_generator": "numpy PCG64 standard_normal, row batch_index of the seed's stream"}
 
 
@@ -79,6 +89,7 @@ def cmd_generate(args) -> int:
     from .manifest import load_manifest
     from .pipeline import Pipeline
     from .request import check_arguments, prepare
+    from .schedule import needs_uncond
     from .tokenizer import PromptTokenizer
 
     prompts = read_prompts(args.prompt_sources)
@@ -86,6 +97,9 @@ def cmd_generate(args) -> int:
     for o in outputs:
         check_writable(o)
     options = _backend_options(args)
+    cache = cache_options(args)
+    if cache is not None and not args.backend.startswith(("onnxruntime-", "auto")):
+        raise ValueError(f"--cache-threshold needs an onnxruntime backend (got --backend {args.backend})")
     manifest = load_manifest(args.engines)
     arguments = check_arguments(manifest, prompts, width=args.width, height=args.height, preset=args.sampler_preset,
                                 steps=args.steps, mu=args.mu, std=args.std, guidance=args.guidance, seed=args.seed,
@@ -96,27 +110,34 @@ def cmd_generate(args) -> int:
     if synthetic:
         print(f"note: SYNTHETIC weights (config {synthetic.get('config')!r}): random weights in the official "
               "layout, not the real model -- the image is noise-like by design", file=sys.stderr)
-    pipe = Pipeline(manifest, backend=args.backend, tokenizer=tokenizer, **options)
+    uncond = any(needs_uncond(g) for g in request.sampling.guidance)
+    if not uncond:
+        print("note: guidance 1 on every step: the unconditional DiT is not loaded", file=sys.stderr)
+    pipe = Pipeline(manifest, backend=args.backend, tokenizer=tokenizer, load_uncond=uncond, cache=cache, **options)
     show = not args.json and (sys.stderr.isatty() or args.progress)
     args.bar = _ProgressBar() if show else None
     result = pipe.run(request, args.bar)
     s = result.sampling
     precision = getattr(pipe.backend, "precision", "faithful")      # what ran (w8a8 may have fallen back)
     errors.check_interrupted()
-    save_pngs([(image, out, png_metadata(request, i, pipe.backend.name, bool(synthetic), precision))
+    save_pngs([(image, out, png_metadata(request, i, pipe.backend.name, bool(synthetic), precision, cache))
                for i, (image, out) in enumerate(zip(result.images, outputs))])
     report = {"outputs": [str(o) for o in outputs], "backend": pipe.backend.name, "precision": precision,
               "width": request.width,
               "height": request.height, "preset": s.preset, "steps": s.steps, "seed": request.seed,
               "batch_index": request.batch_index, "text_tokens": [len(t) for t in result.token_ids],
-              "synthetic": bool(synthetic), "timings": {"load_s": pipe.load_seconds, **result.timings}}
+              "synthetic": bool(synthetic), "uncond_loaded": uncond, "first_block_cache": cache_label(cache),
+              "reused_steps": result.reused_steps, "timings": {"load_s": pipe.load_seconds, **result.timings}}
     if args.json:
         print(json.dumps(report))
     else:
         t = result.timings
         print(f"wrote {', '.join(map(str, outputs))} with {pipe.backend.name}: load {pipe.load_seconds:.2f} s, "
               f"text {t['text_encoder_s']:.2f} s, denoise {t['denoise_s']:.2f} s "
-              f"({t['denoise_s'] / s.steps:.3f} s/step), vae {t['vae_s']:.2f} s, total {t['total_s']:.2f} s")
+              f"({t['denoise_s'] / s.steps:.3f} s/step), vae {t['vae_s']:.2f} s, total {t['total_s']:.2f} s"
+              + ("" if uncond else "; unconditional DiT not loaded")
+              + ("" if cache is None else f"; first-block cache reused {sum(map(len, result.reused_steps))} of "
+                 f"{s.steps * len(result.reused_steps)} steps"))
     return 0
 
 
@@ -137,7 +158,13 @@ def cmd_info(args) -> int:
     lim = m.limits
     lines.append(f"sizes: multiples of {lim['multiple']} in {lim['min_side']}…{lim['max_side']} px, aspect ≤ "
                  f"{lim['max_aspect']}:1; prompts ≤ {lim['max_text_tokens']} tokens (template included)")
+    ones = [n for n, p in m.presets.items() if all(g == 1.0 for g in p.guidance)]
     lines.append(f"presets: {', '.join(m.presets)} (default {m.default_preset})")
+    lines.append("guidance 1 on every step (" + (", ".join(ones) + ", or " if ones else "") + "e.g. --guidance 1): "
+                 "the unconditional DiT is not loaded; a step at guidance 1 skips it")
+    pieces = m.component("dit_cond")["first_block_cache"]["head"]["graphs"] if m.has_cache_pieces else None
+    lines.append("first-block cache (--cache-threshold): " + (f"head/body/tail graphs for {', '.join(pieces)}, "
+                 "sharing the DiTs' weight files" if pieces else "not in this export (exporter < 11: re-run `make export`)"))
     avail = []
     for b in ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"):
         try:
@@ -199,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime-cuda: w8a8 runs the DiT blocks' linears with FP8 activations on FP8 tensor cores "
                         "(opt-in: the numbers change; needs an export with --precision w8a8; docs/runtime.md); "
                         "recorded in the PNG metadata")
+    add_cache_arguments(g)
     g.add_argument("--json", action="store_true", help="print timings and outputs as one JSON object")
     g.add_argument("--progress", action="store_true", help="show the step progress bar even when not a TTY")
     g.set_defaults(func=cmd_generate)

@@ -96,3 +96,30 @@ def read_prompts(sources: list[tuple[str, str]] | None, repeat: bool = True) -> 
             raise PromptSourceError(f"the prompt in {where} is not valid UTF-8 (byte {raw[e.start]:#04x} at offset "
                                     f"{e.start}); allowed: UTF-8 text") from None
     return prompts
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """The first-block cache's options (runtime/cache.py), shared by `generate` and `serve`."""
+    from .cache import THRESHOLD_MAX, CacheOptions
+    d = CacheOptions()
+    parser.add_argument("--cache-threshold", type=finite_float, default=None, metavar="T",
+                        help=f"first-block cache (onnxruntime; opt-in, numbers change): reuse the DiT bodies' residual "
+                             f"when block 0's residual changed by less than T (relative L1) since the last computed step, "
+                             f"T in [0, {THRESHOLD_MAX:g}]; 0 computes every step through the cache graphs (bit-identical "
+                             "to no cache); docs/runtime.md (default: off)")
+    parser.add_argument("--cache-warmup", type=int, default=d.warmup, metavar="N",
+                        help="first-block cache: the first N steps are always computed")
+    parser.add_argument("--cache-max-consecutive", type=int, default=d.max_consecutive, metavar="N",
+                        help="first-block cache: at most N reused steps in a row")
+    parser.add_argument("--cache-taylor", action="store_true",
+                        help="first-block cache: extrapolate the reused residual to first order (TaylorSeer)")
+
+
+def cache_options(args):
+    """CacheOptions from the parsed flags, or None when --cache-threshold is not given (ValueError if bad)."""
+    from .cache import CacheOptions
+    if args.cache_threshold is None:
+        if args.cache_taylor:
+            raise ValueError("--cache-taylor needs --cache-threshold")
+        return None
+    return CacheOptions(args.cache_threshold, args.cache_warmup, args.cache_max_consecutive, args.cache_taylor)

@@ -18,6 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
+from . import cache
 from .schedule import SamplerPreset
 
 FORMAT = "ideogram4-engine/manifest"
@@ -130,11 +131,17 @@ class Manifest:
 
     # ------------------------------------------------------------------------------------------ components
     def component(self, name: str) -> dict:
-        try:
-            return self.components[name]
-        except KeyError:
+        """A component, or a first-block cache piece ("dit_cond.head", …: runtime/cache.py)."""
+        found = self.components.get(name) or cache.piece_component(self.raw, name)
+        if found is None:
             raise ManifestError(f"{self.path}: no component {name!r}; it has "
-                                f"{', '.join(self.components)}") from None
+                                f"{', '.join([*self.components, *cache.piece_names(self.raw)])}")
+        return found
+
+    @property
+    def has_cache_pieces(self) -> bool:
+        """Whether the export holds the first-block cache's graphs (exporter >= 11)."""
+        return bool(cache.piece_names(self.raw))
 
     def variants(self, component: str) -> tuple[str, ...]:
         return tuple(self.component(component)["graphs"])
@@ -155,9 +162,15 @@ class Manifest:
         data = self.component(component).get("data")
         return None if data is None else self.root / data["file"]
 
-    def dequantize(self, component: str) -> dict | None:
-        """The component's FP8 weights for load-time dequantization ({graph, weights}), or None."""
-        return self.component(component).get("dequantize")
+    def dequantize(self, component: str, variant: str | None = None) -> dict | None:
+        """The component's FP8 weights for load-time dequantization ({graph, weights}), or None; for a cache
+        piece, those its `variant` graph takes."""
+        comp = self.component(component)
+        dq, takes = comp.get("dequantize"), comp.get("dequantize_inputs")
+        if dq is None or takes is None or variant is None:
+            return dq
+        names = set(takes.get(variant, ()))
+        return {**dq, "weights": [w for w in dq["weights"] if w["input"] in names]}
 
     def input_names(self, component: str) -> list[str]:
         return [io["name"] for io in self.component(component)["inputs"]]
@@ -168,7 +181,7 @@ class Manifest:
     def file_entries(self, component: str | None = None) -> list[dict]:
         """{file, sha256, bytes} entries of one component (graphs, then weights) or of all of them, each file
         once (variants may share a graph file; components without weights have no `data`)."""
-        names = self.components if component is None else [component]
+        names = [*self.components, *cache.piece_names(self.raw)] if component is None else [component]
         out: dict[str, dict] = {}
         for name in names:
             comp = self.component(name)
@@ -319,6 +332,7 @@ def _check(raw: dict, path: Path) -> None:
         if not (isinstance(kern, dict) and isinstance(kern.get("domain"), str) and isinstance(kern.get("variants"), dict)
                 and all(isinstance(k, str) and isinstance(v, str) for k, v in kern["variants"].items())):
             c.fail("`kernels` must be an object with `domain` (a string) and `variants` (stock -> fused variant names)")
+    cache.check_sections(raw, c.fail, c.file_entry)
     for name, comp in comps.items():
         if not isinstance(comp, dict):
             c.fail(f"`components.{name}` must be an object, found {_describe(comp)}")

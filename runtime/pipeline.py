@@ -2,7 +2,8 @@
 
 Data path (one request): prompts → chat template → ids → text_encoder → per step dit_cond, dit_uncond,
 guided_step (all on the backend's device) → vae_decoder → uint8 pixels. Host work per request: the
-schedule table, the MRoPE cos/sin tables and the initial noise.
+schedule table, the MRoPE cos/sin tables and the initial noise. A step whose guidance is exactly 1 skips
+dit_uncond (its term is multiplied by 0); with `cache` the DiTs run as first-block cache pieces (cache.py).
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import numpy as np
 from PIL import Image
 
 from . import backends
+from .cache import DITS, CacheOptions, FirstBlockCache
 from .manifest import Manifest, load_manifest, verify
 from .packing import token_grid
 from .request import MAX_SEED, NOISE_SHAPE_TAIL, Request, Sampling, prepare, resolve_sampling  # noqa: F401
 from .rope import dit_rope_tables
-from .schedule import plan, resolution_mu
+from .schedule import needs_uncond, plan, resolution_mu
 from .tokenizer import PromptTokenizer
 
 
@@ -33,6 +35,8 @@ class GenerationResult:
     seed: int | None
     timings: dict[str, float] = field(default_factory=dict)
     batch_index: int = 0                     # image i drew row batch_index + i of the seed's noise stream
+    reused_steps: list[list[int]] = field(default_factory=list)   # first-block cache: per batch, steps reused
+    cache_changes: list[dict[int, float]] = field(default_factory=list)   # … and the relative changes compared
 
 
 class Pipeline:
@@ -42,23 +46,44 @@ class Pipeline:
 
     engines: the folder, or a Manifest already loaded from it. tokenizer: a PromptTokenizer already loaded from
     that manifest (`PromptTokenizer.from_manifest`), so a caller that validated a request first loads it once.
-    The sha256 of every graph and weight file the backend reads is checked before the backend parses it."""
+    The sha256 of every graph and weight file the backend reads is checked before the backend parses it.
+
+    load_uncond=False: dit_uncond is never loaded (half the DiT memory and load time); every request must then
+    have guidance 1 on every step. cache: the first-block cache (CacheOptions; onnxruntime backends, exports
+    with the cache graphs): the DiTs are loaded as head/body/tail pieces, which share the DiTs' weight files."""
 
     def __init__(self, engines: Path | str | Manifest, backend: str = "auto", verify_checksums: bool = True,
-                 tokenizer: PromptTokenizer | None = None, **options):
+                 tokenizer: PromptTokenizer | None = None, load_uncond: bool = True,
+                 cache: CacheOptions | None = None, **options):
         t0 = time.perf_counter()
         self.manifest: Manifest = engines if isinstance(engines, Manifest) else load_manifest(engines)
         self.tokenizer = tokenizer or PromptTokenizer.from_manifest(self.manifest)
+        self.load_uncond, self.cache = bool(load_uncond), cache
+        names = tuple(options.pop("components", None) or self._components())    # a subset: scripts/bench.py
         if verify_checksums:   # what this backend reads; a backend that checks its own files (TensorRT) says so
             def before_load(variant: str, components=None) -> None:      # called from loading threads too
-                verify(self.manifest, self.manifest.files_for_variant(variant, components))
+                verify(self.manifest, self.manifest.files_for_variant(variant, components or names))
             options["before_load"] = before_load
-        self.backend = backends.create(backend, self.manifest, **options)
+        self.backend = backends.create(backend, self.manifest, components=names, **options)
         if verify_checksums:   # a no-op for files hashed above (unchanged since): the guarantee, not the work
             own = getattr(self.backend, "verifies_own_files", False)
-            verify(self.manifest, [] if own else self.manifest.files_for_variant(self.backend.graph_variant))
+            verify(self.manifest, [] if own else self.manifest.files_for_variant(self.backend.graph_variant, names))
         self._lock = threading.Lock()
         self.load_seconds = time.perf_counter() - t0
+
+    def _components(self) -> tuple[str, ...]:
+        """What the backend loads: every component, less dit_uncond when not wanted, the DiTs as cache pieces."""
+        if self.cache is not None and not isinstance(self.cache, CacheOptions):
+            raise ValueError(f"cache={self.cache!r}; allowed: None (off) or a CacheOptions")
+        if self.cache is not None and not self.manifest.has_cache_pieces:
+            raise ValueError(f"cache: {self.manifest.root} has no first-block cache graphs (exported before "
+                             "exporter 11): re-run `make export`")
+        names = []
+        for c in self.manifest.components:
+            if c == "dit_uncond" and not self.load_uncond:
+                continue
+            names += [f"{c}.{p}" for p in self.cache.pieces()] if self.cache and c in DITS else [c]
+        return tuple(names)
 
     # ------------------------------------------------------------------------------------- validation
 
@@ -100,14 +125,20 @@ class Pipeline:
         """Run a request checked by `prepare` (the backend's own size limits are checked here)."""
         t0 = time.perf_counter() if t0 is None else t0
         self._check_size(request.height, request.width)
+        if not self.load_uncond:
+            bad = next((i for i, g in enumerate(request.sampling.guidance) if needs_uncond(g)), None)
+            if bad is not None:
+                raise ValueError(f"guidance[{bad}]={request.sampling.guidance[bad]!r} needs the unconditional DiT, "
+                                 "which this Pipeline did not load (load_uncond=False); allowed: guidance 1 on every step")
         ids = [list(t) for t in request.ids]
         timings = {"tokenize_s": time.perf_counter() - t0}
         with self._lock:
-            latents, pixels = self._run(ids, request.height, request.width, request.sampling, request.z0, progress,
-                                        timings)
+            latents, pixels, fbc = self._run(ids, request.height, request.width, request.sampling, request.z0,
+                                                progress, timings)
         timings["total_s"] = time.perf_counter() - t0
         return GenerationResult([Image.fromarray(p) for p in pixels], latents, ids, request.sampling, request.seed,
-                                timings, request.batch_index)
+                                timings, request.batch_index, [f.reused if f else [] for f in fbc],
+                                [f.changes if f else {} for f in fbc])
 
     def _run(self, ids, height, width, sampling: Sampling, z0, progress, timings):
         """Prompts of equal length form one batch (the graphs have no padding mask); each batch runs the
@@ -128,6 +159,9 @@ class Pipeline:
             timings[key] = 0.0
         timings["step_s"] = [0.0] * len(steps)
         done, total = 0, len(steps) * len(groups)
+        uncond = any(needs_uncond(st.guidance) for st in steps)
+        uc = "dit_uncond.head" if self.cache else "dit_uncond"      # the device of the uncond graphs
+        caches = []
         for n, rows in groups.items():
             B = len(rows)
             t = time.perf_counter()
@@ -136,19 +170,25 @@ class Pipeline:
             t = time.perf_counter()
             cos, sin = dit_rope_tables(n, gh, gw, self.manifest.inv_freq, self.manifest.mrope_section)
             cos_c, sin_c = (be.upload(np.ascontiguousarray(np.broadcast_to(a, (B, *a.shape)))) for a in (cos, sin))
-            cos_u, sin_u = (be.upload(np.ascontiguousarray(np.broadcast_to(a[n:], (B, *a[n:].shape))),
-                                      component="dit_uncond") for a in (cos, sin))
+            if uncond:
+                cos_u, sin_u = (be.upload(np.ascontiguousarray(np.broadcast_to(a[n:], (B, *a[n:].shape))),
+                                          component=uc) for a in (cos, sin))
             z = be.upload(z0[rows])
+            fbc = FirstBlockCache(be, self.cache, run_pair) if self.cache else None
             for k, st in enumerate(steps):
                 ts = time.perf_counter()
                 tau = np.full((B,), st.tau, np.float32)
                 tau_c = be.upload(tau)
-                tau_u = be.upload(tau, component="dit_uncond") if apart else tau_c
-                out_c, out_u = run_pair([
-                    ("dit_cond", {"latents": z, "tau": tau_c, "rope_cos": cos_c, "rope_sin": sin_c,
-                                  "text_features": feats}),
-                    ("dit_uncond", {"latents": z, "tau": tau_u, "rope_cos": cos_u, "rope_sin": sin_u})])
-                v_c, v_u = out_c["velocity"], out_u["velocity"]
+                calls = [("dit_cond", {"latents": z, "tau": tau_c, "rope_cos": cos_c, "rope_sin": sin_c,
+                                       "text_features": feats})]
+                if needs_uncond(st.guidance):     # else g·v_c + 0·v_c: exactly v_c, as g·v_c + 0·v_u is
+                    tau_u = be.upload(tau, component=uc) if apart else tau_c
+                    calls.append(("dit_uncond", {"latents": z, "tau": tau_u, "rope_cos": cos_u, "rope_sin": sin_u}))
+                if fbc:
+                    v = fbc.velocities(k, calls)
+                else:
+                    v = [out["velocity"] for out in run_pair(calls)]
+                v_c, v_u = v[0], v[-1]
                 z = be.run("guided_step", {
                     "latents": z, "velocity_cond": v_c, "velocity_uncond": v_u,
                     "guidance": np.array([st.guidance], np.float32),
@@ -168,4 +208,5 @@ class Pipeline:
             pixels[rows] = be.download(img)
             latents[rows] = z_host
             timings["vae_s"] += time.perf_counter() - t
-        return latents, pixels
+            caches.append(fbc)
+        return latents, pixels, caches

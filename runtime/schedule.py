@@ -106,6 +106,11 @@ class Step:
     guidance: float
 
 
+def needs_uncond(guidance: float) -> bool:
+    """g·v_c + (1 − g)·v_u needs v_u unless g is exactly 1 (then it is v_c, for any finite v_u)."""
+    return guidance != 1.0
+
+
 def plan(steps: int, mu: float, std: float, guidance) -> list[Step]:
     """The executed steps in order, each with its model time, Euler increment and guidance."""
     check_guidance(guidance, steps)

@@ -198,7 +198,7 @@ def _profile_dit(pipe, root: Path, size: str) -> None:
             op = e.get("args", {}).get("op_name", "?")
             by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3 / 2          # ms per forward (2 runs)
     total = sum(by_op.values())
-    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:15]
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:25]
     record(root, {"kind": "profile", "component": comp, "graph_variant": pipe.backend.graph_variant,
                   "width": w, "height": h, "total_kernel_ms": total,
                   "by_op_ms": dict(top)})
@@ -241,7 +241,7 @@ def _profile_kernels(pipe, root: Path, size: str, runs: int = 3) -> None:
         low = name.lower()
         cls = next((c for c, keys in KERNEL_CLASSES if any(x in low for x in keys)), "other")
         by_class[cls] = by_class.get(cls, 0.0) + ms
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:60]
     record(root, {"kind": "kernels", "component": "dit_cond", "graph_variant": pipe.backend.graph_variant,
                   "width": w, "height": h, "wall_ms": 1e3 * wall,
                   "gpu_busy_ms": sum(v[0] for v in kernels.values()),

@@ -3,8 +3,7 @@
 1. each op against the unfused subgraph it replaces (kernels/checks.py: the exporter's own layer functions; for
    the quantizing *Fp8 ops that subgraph followed by the standalone Fp8QuantizeRows), both on onnxruntime's CUDA
    provider, at the model's shapes (4170 tokens, D 4608, 18 heads x 256, FFN 12288) and at odd ones (few rows:
-   other reduction layouts; widths not a multiple of 4: the scalar paths), with the default (register-resident)
-   norm kernels and with the first ones (IDEOGRAM4_KERNELS_LEGACY_NORM=1): the share of bit-identical values, the
+   other reduction layouts, widths not a multiple of 8: fused.cu's kernels; the DiT's: fused_warp.cu's): the share of bit-identical values, the
    largest distance in bf16 ulps, the numpy model's agreement, and ms per call of the graphs with bf16 / e4m3
    boundaries (checks.bf16_io: the kernels, not the fp32 casts around them; median of 5 x 20 runs);
 2. end to end on synthetic models (default tiny and full-width): the runtime with the fused graphs against the
@@ -42,15 +41,21 @@ CASES = [   # (op, dims): the model's shapes first, then odd ones
     ("GatedResidualModulate", dict(batch=1, tokens=4096, width=4608)),
     ("GatedResidualModulate", dict(batch=2, tokens=200, width=4608)),
     ("GatedResidualModulate", dict(batch=1, tokens=3, width=1001)),
-    ("GatedResidualModulate", dict(batch=1, tokens=64, width=36868)),      # too wide for the register kernels
+    ("GatedResidualModulate", dict(batch=1, tokens=64, width=36868)),      # too wide for the warp kernels
+    ("GatedResidualModulate", dict(batch=2, tokens=300, width=4608)),      # warp kernels, two gate rows
+    ("GatedResidualModulate", dict(batch=1, tokens=600, width=1000)),      # warp kernels, 4 chunks, partial last
+    ("GatedResidual", dict(batch=1, tokens=600, width=2056)),              # warp kernels, 9 of 18 chunks
     ("QkvNormRope", dict(batch=1, tokens=4170, heads=18, head_dim=256)),
     ("QkvNormRope", dict(batch=2, tokens=13, heads=3, head_dim=64)),
     ("QkvNormRope", dict(batch=1, tokens=100, heads=2, head_dim=6)),
+    ("QkvNormRope", dict(batch=2, tokens=50, heads=3, head_dim=160)),      # warp kernel, 20 of 32 lanes
     ("SwiGLU", dict(batch=1, tokens=4170, width=12288)),
     ("SwiGLU", dict(batch=1, tokens=7, width=1001)),
+    ("SwiGLU", dict(batch=1, tokens=7, width=1000)),                       # vector kernel, partial last block
     ("NormModulateFp8", dict(batch=1, tokens=4170, width=4608)),
     ("NormModulateFp8", dict(batch=2, tokens=37, width=384)),
     ("NormModulateFp8", dict(batch=1, tokens=300, width=1002)),
+    ("NormModulateFp8", dict(batch=1, tokens=1200, width=2056)),           # warp kernels, 9 of 18 chunks
     ("GatedResidualModulateFp8", dict(batch=1, tokens=4170, width=4608)),
     ("GatedResidualModulateFp8", dict(batch=2, tokens=200, width=4608)),
     ("GatedResidualModulateFp8", dict(batch=1, tokens=3, width=1001)),
@@ -59,7 +64,6 @@ CASES = [   # (op, dims): the model's shapes first, then odd ones
     ("SwiGLUFp8", dict(batch=1, tokens=7, width=1001)),
     ("SwiGLUFp8", dict(batch=1, tokens=3, width=20000)),                  # wider than the register path
 ]
-LEGACY_ENV = "IDEOGRAM4_KERNELS_LEGACY_NORM"     # read by the library when onnxruntime creates a kernel
 
 
 def emit(out: Path, rec: dict) -> None:
@@ -80,17 +84,11 @@ def _timed(sess, binding, runs: int = 20, repeats: int = 5) -> float:
     return float(np.median(best))
 
 
-def _session(ort, model, lib: Path, legacy: bool = False):
-    import os
+def _session(ort, model, lib: Path):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.register_custom_ops_library(str(lib))
-    if legacy:
-        os.environ[LEGACY_ENV] = "1"
-    try:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
-    finally:
-        os.environ.pop(LEGACY_ENV, None)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
 
 
 def _kernel_ms(ort, sess, inputs: dict) -> float:
@@ -135,13 +133,15 @@ def _bisect_layout(ort, lib: Path, fused, inputs: dict, stock: dict) -> dict:
     return out
 
 
-def kernel_cases(out: Path, lib: Path) -> bool:
+def kernel_cases(out: Path, lib: Path, only: set[str] | None = None) -> bool:
     import checks
     import onnxruntime as ort
     from ideogram4_engine.export.graphs.fuse import fused_ops
     ok = True
     rng = np.random.default_rng(2026)
     for op, dims in CASES:
+        if only and op not in only:
+            continue
         heads, hd = dims.get("heads", 2), dims.get("head_dim", 256)
         width = dims.get("width", heads * hd)
         gains = checks.random_gains(op, rng, width, hd)
@@ -152,25 +152,25 @@ def kernel_cases(out: Path, lib: Path) -> bool:
             inputs = checks.random_inputs(op, rng, batch=dims["batch"], tokens=dims["tokens"], width=width,
                                           heads=heads, head_dim=hd)
             got, ms = {}, {}
-            for name, model, legacy in (("stock", stock, False), ("fused", fused, False), ("legacy", fused, True)):
-                sess = _session(ort, model, lib, legacy)
+            for name, model in (("stock", stock), ("fused", fused)):
+                sess = _session(ort, model, lib)
                 got[name] = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, inputs)))
                 del sess
-                ms[name] = _kernel_ms(ort, _session(ort, checks.bf16_io(model), lib, legacy), inputs)
+                ms[name] = _kernel_ms(ort, _session(ort, checks.bf16_io(model), lib), inputs)
                 gc.collect()
             want = checks.numpy_model(op, inputs, gains, heads, hd)
             per = {}
             for k in got["stock"]:
                 a = got["stock"][k]
                 per[k] = {"numpy_model_identical": float((want[k].reshape(a.shape) == a).mean())}
-                for name in ("fused", "legacy"):
+                for name in ("fused",):
                     f = got[name][k]
                     same = (a == f) | (np.isnan(a) & np.isnan(f))
                     per[k][f"{name}_bit_identical"] = float(same.mean())
                     per[k][f"{name}_max_ulps"] = float(checks.ulps(f, a).max()) if k != "y_scale" else \
                         float(np.abs(f / a - 1).max())
-            rec.update(outputs=per, stock_ms=ms["stock"], fused_ms=ms["fused"], legacy_ms=ms["legacy"],
-                       ok=all(v[f"{n}_bit_identical"] == 1.0 for v in per.values() for n in ("fused", "legacy")))
+            rec.update(outputs=per, stock_ms=ms["stock"], fused_ms=ms["fused"],
+                       ok=all(v["fused_bit_identical"] == 1.0 for v in per.values()))
             if not rec["ok"] and checks.base_op(op) != "SwiGLU":
                 rec["forced_threads_y"] = _bisect_layout(ort, lib, fused, inputs, got["stock"])
         except Exception as e:  # noqa: BLE001 -- record and go on with the other cases
@@ -372,6 +372,7 @@ def main() -> None:
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                     help="capture attempts on the full-width dit_cond, stock and fused (default on)")
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated op names: run only their kernel cases")
     a = ap.parse_args()
     from ideogram4_engine.runtime import kernels
     out, root = Path(a.out), Path(a.root)
@@ -380,7 +381,7 @@ def main() -> None:
     import onnxruntime as ort
     emit(out, {"kind": "library", "path": str(lib), "arches": kernels.library_arches(lib),
                "compute_capability": kernels.compute_capability(0), "onnxruntime": ort.__version__})
-    ok = True if a.skip_kernels else kernel_cases(out, lib)
+    ok = True if a.skip_kernels else kernel_cases(out, lib, {o for o in a.only.split(",") if o} or None)
     for config in [c for c in a.configs.split(",") if c]:
         ok &= end_to_end(out, root, config, lib)
     if a.cuda_graph and "full-width" in a.configs:

@@ -135,7 +135,8 @@ def child(engines: Path, backend: str, options: dict, warmup: tuple[int, int], s
             return out
         pipe.backend.run = run_timed
         t = time.perf_counter()
-        pipe.generate("warm-up", width=warmup[0], height=warmup[1], steps=1, guidance=1.0, seed=0)
+        # as serve/worker.py: guidance != 1, so that both DiTs run
+        pipe.generate("warm-up", width=warmup[0], height=warmup[1], steps=1, guidance=4.0, seed=0)
         pipe.backend.run = run
         warm.append({"total_s": time.perf_counter() - t, "per_component_s": per})
         if len(warm) == 1:
@@ -148,7 +149,7 @@ def child(engines: Path, backend: str, options: dict, warmup: tuple[int, int], s
             e["bytes"] = sizes.get(e["name"])
     components = {}
     variant = pipe.backend.graph_variant
-    for c in manifest.components:
+    for c in pipe.backend.sessions:          # what this Pipeline loads (dit_uncond and the cache pieces vary)
         files = {Path(f).name for f in manifest.files_for_variant(variant, [c])}
         hashes = [e for e in events if e["kind"] == "sha256" and e["name"] in files]
         sess = [e for e in events if e["kind"] == "session" and e["name"] == manifest.graph_path(c, variant).name]
@@ -167,7 +168,8 @@ def child(engines: Path, backend: str, options: dict, warmup: tuple[int, int], s
             "session_total_s": sum(e["end"] - e["start"] for e in events if e["kind"] == "session"),
             "session_wall_s": _union([(e["start"], e["end"]) for e in events if e["kind"] == "session"]),
             "uncovered_s": pipeline_s - _union(inside), "components": components,
-            "warmup_first": warm[0], "warmup_second": warm[1], "gpu_mib_after_load": gpu_after_load, "host_peak_rss_mib_load": host_peak_mib,
+            "warmup_first": warm[0], "warmup_second": warm[1], "gpu_mib_after_load": gpu_after_load,
+            "host_peak_rss_mib_load": host_peak_mib,
             "gpu_mib_after_warmup": _gpu_mib(), "ort_session_phases_s": phases, "events": events}
 
 

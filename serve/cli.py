@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     s.add_argument("--dequantize-at-load", action="store_true", help="onnxruntime: as for `ideogram4 generate`")
     s.add_argument("--cfg-parallel", action="store_true",
                    help="onnxruntime-cuda: two GPUs per replica, the unconditional DiT on the second")
+    from ..runtime.cli_args import add_cache_arguments
+    add_cache_arguments(s)
     s.add_argument("--address", default="local",
                    help="Ray cluster to join: 'local' (default: start Ray in this process), 'auto' (the cluster "
                         "this machine belongs to) or host:port of its head")
@@ -80,6 +82,9 @@ def _config(args):
         if args.backend != "onnxruntime-cuda":
             raise ValueError(f"--cfg-parallel needs --backend onnxruntime-cuda (got --backend {args.backend})")
         options["uncond_device_id"] = 1
+    from ..runtime.cli_args import cache_options
+    if cache_options(args) is not None:
+        options["cache"] = cache_options(args)
     if args.backend == "onnxruntime-cpu":       # a CPU replica computes on the cores Ray reserved for it
         options["threads"] = max(1, int(args.cpus_per_replica))
     from .app import ServeConfig

@@ -21,10 +21,12 @@ from typing import AsyncIterator
 
 from PIL import Image, PngImagePlugin
 
+from ..runtime.cli import cache_label
 from ..runtime.pipeline import Pipeline
 from .request import MODEL_ID, OUTPUT_FORMATS, Request
 
 WARMUP_PROMPT = "warm-up"
+WARMUP_GUIDANCE = 4.0
 GPU_SAMPLE_S = 5.0
 
 
@@ -84,7 +86,8 @@ class Worker:
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.synthetic = bool(self.pipe.manifest.synthetic)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="generate")
-        self.pipe.generate(WARMUP_PROMPT, width=warmup[0], height=warmup[1], steps=1, guidance=1.0, seed=0)
+        # guidance != 1: a guidance-1 step skips dit_uncond, which would then pay its first run in a request
+        self.pipe.generate(WARMUP_PROMPT, width=warmup[0], height=warmup[1], steps=1, guidance=WARMUP_GUIDANCE, seed=0)
         self.gpu = GpuMemory()
         self.ready_s = time.perf_counter() - t0
         print(f"ideogram4 replica {self.replica}: loaded in {self.pipe.load_seconds:.2f} s, warmed up in "
@@ -102,7 +105,7 @@ class Worker:
                 "mu": str(s.mu), "std": str(s.std), "guidance": ",".join(map(str, s.guidance)),
                 "size": f"{req.width}x{req.height}", "backend": self.pipe.backend.name,
                 "model": MODEL_ID + (" SYNTHETIC weights" if self.synthetic else ""),
-                "seed_generator": "numpy PCG64 standard_normal"}
+                "first_block_cache": cache_label(self.pipe.cache), "seed_generator": "numpy PCG64 standard_normal"}
         images = [encode_image(img, req.output_format, meta) for img in r.images]
         timings = {k: v for k, v in r.timings.items() if k != "step_s"}
         timings["encode_s"] = time.perf_counter() - t

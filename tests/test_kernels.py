@@ -283,3 +283,25 @@ def test_cuda_graph_copy_model_is_a_valid_identity():
              "x2": np.array([np.nan, -0.0, 1e-45], np.float32)}
     for got, (name, want) in zip(sess.run(None, feeds), feeds.items()):
         assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8)), name
+
+
+def test_gpu_kernel_check_reaches_both_kernel_paths_of_every_norm_op():
+    """scripts/gpu_kernel_check.py must test fused_warp.cu's kernels (onnxruntime layout threads_y 2, width a multiple
+    of 8) off the DiT's own shapes too (partial chunks, several gate rows, narrow heads) and fused.cu's general
+    kernels (other layouts or widths) for each norm op: otherwise one path would run in the model unchecked."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import gpu_kernel_check as g
+    paths: dict[str, set[str]] = {}
+    for op, d in g.CASES:
+        if checks.base_op(op) == "SwiGLU":
+            continue
+        rows, n = (d["batch"] * d["tokens"] * d["heads"], d["head_dim"]) if op == "QkvNormRope" else \
+            (d["batch"] * d["tokens"], d["width"])
+        warp = checks.ort_threads_y(rows, n) == 2 and n % 8 == 0 and (n <= 256 if op == "QkvNormRope" else n <= 4608)
+        dit = d["tokens"] in (4096, 4170) and n in (256, 4608)
+        paths.setdefault(op, set()).add("warp-dit" if warp and dit else "warp-other" if warp else "general")
+    assert set(paths) == {"NormModulate", "NormModulateFp8", "GatedResidual", "GatedResidualModulate",
+                          "GatedResidualModulateFp8", "QkvNormRope"}
+    for op, seen in paths.items():
+        assert {"warp-dit", "general"} <= seen, (op, seen)
+    assert sum("warp-other" in s for s in paths.values()) >= 4, paths

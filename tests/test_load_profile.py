@@ -29,14 +29,16 @@ def test_load_profile_breaks_a_cold_start_down(tiny_engines, tmp_path):
 
     from ideogram4_engine.runtime.manifest import load_manifest
     m = load_manifest(tmp_path / "engines")
-    needed = {Path(f).name for f in m.files_for_variant("cpu")}
+    loaded = tuple(first["components"])
+    assert {"text_encoder", "dit_cond", "dit_uncond", "vae_decoder"} <= set(loaded) and loaded == tuple(again["components"])
+    needed = {Path(f).name for f in m.files_for_variant("cpu", loaded)}
     for rec, hashed in ((first, needed), (again, set())):       # the second process finds the digest cache
         assert rec["kind"] == "load-profile" and rec["graph_variant"] == "cpu"
         assert {e["name"] for e in rec["events"] if e["kind"] == "sha256"} == hashed
-        assert rec["sha256_bytes"] == sum(m.root.joinpath(f).stat().st_size for f in m.files_for_variant("cpu")
-                                          if Path(f).name in hashed)
+        assert rec["sha256_bytes"] == sum(m.root.joinpath(f).stat().st_size
+                                          for f in m.files_for_variant("cpu", loaded) if Path(f).name in hashed)
         assert {e["name"] for e in rec["events"] if e["kind"] == "session"} == {
-            m.graph_path(c, "cpu").name for c in m.components}
+            m.graph_path(c, "cpu").name for c in loaded}
         for c, v in rec["components"].items():
             assert v["session_s"] > 0 and v["session_end_s"] <= rec["pipeline_s"] + 1e-6
             assert v["files_hashed"] == (len(m.files_for_variant("cpu", [c])) if hashed else 0)

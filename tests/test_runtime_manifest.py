@@ -72,6 +72,9 @@ def test_accessors(engines):
     assert m.input_names("dit_cond") == ["latents", "tau", "rope_cos", "rope_sin", "text_features"]
     files = {e["file"] for c in raw["components"].values()
              for e in [*c["graphs"].values(), c.get("data"), c.get("dequantize", {}).get("graph")] if e}
+    files |= {e["file"] for c in raw["components"].values() for p in (c.get("first_block_cache") or {}).values()
+              for e in p["graphs"].values()}                                  # the first-block cache's pieces
+    files |= {raw["first_block_cache"][op]["graph"]["file"] for op in ("residual_change", "residual_extrapolate")}
     assert sorted(e["file"] for e in m.file_entries()) == sorted(files)
     assert [e["file"] for e in m.file_entries("vae_decoder")] == [
         "vae_decoder.onnx", "vae_decoder.cuda.onnx", "vae_decoder.cpu.onnx", "vae_decoder.cuda_dql.onnx",

@@ -82,6 +82,7 @@ def build_dit(cfg: DiTConfig, src, graph_path: Path, *, text: bool, attention_fo
 
     cos = g.op("Unsqueeze", to_bf16(g, cos_in), g.i64(2))        # (B, L, 1, hd): broadcast over heads
     sin = signed_sin(g, g.op("Unsqueeze", to_bf16(g, sin_in), g.i64(2)), hd)
+    g.marks = {"blocks_in": h}      # where the first-block cache cuts the graph (graphs/cache.py); names only
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         s1, g1, s2, g2 = g.op("Split", linear(g, a, p + "adaln_modulation", src, bias=True),
@@ -103,6 +104,8 @@ def build_dit(cfg: DiTConfig, src, graph_path: Path, *, text: bool, attention_fo
         y = rms_norm(g, linear(g, y, p + "feed_forward.w2", src, bias=False), p + "ffn_norm2.weight", src,
                      cfg.norm_eps)
         h = g.op("Add", h, g.op("Mul", g.op("Tanh", g2), y))
+        g.marks.setdefault("first_block_out", h)
+        g.marks["blocks_out"] = h
         if progress:
             progress(i + 1, cfg.num_layers)
     if text:   # image tokens only from here: the final layer is per token

@@ -31,7 +31,7 @@ MATMUL = "Fp8RowScaledMatMul"
 ALIGNMENT = 16
 OPS = (QUANTIZE, MATMUL)
 # producer op -> (its quantizing form, which output is the activation): the *Fp8 op writes that output's e4m3
-# codes and row scales in its place (kernels/fused_rows.cu, bit-identical to Fp8QuantizeRows of it)
+# codes and row scales in its place (kernels/fused_warp.cu, fused.cu; bit-identical to Fp8QuantizeRows of it)
 FUSED_PRODUCERS = {"NormModulate": ("NormModulateFp8", 0), "GatedResidualModulate": ("GatedResidualModulateFp8", 1),
                    "SwiGLU": ("SwiGLUFp8", 0)}
 BLOCK_LINEARS = re.compile(r"^layers\.\d+\.(attention\.(qkv|o)|feed_forward\.w[123])\.weight$")

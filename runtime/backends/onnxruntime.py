@@ -74,7 +74,7 @@ class OnnxRuntimeBackend:
         parallel_load=True (default): the components load side by side, one thread each: a component's files are
         hashed (before_load), then its session is created, so hashing overlaps session creation and the sessions
         are built at the same time (hashlib and onnxruntime's session creation release the GIL; docs/tuning.md
-        §21). False: every file hashed first, then the sessions one after the other (the earlier behaviour)."""
+        §23). False: every file hashed first, then the sessions one after the other (the earlier behaviour)."""
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -106,8 +106,8 @@ class OnnxRuntimeBackend:
         self.manifest = manifest
         self._threads, self._arena = threads, arena_extend_strategy
         names = components or tuple(manifest.components)
-        self.devices = {c: uncond_device_id if c == "dit_uncond" and uncond_device_id is not None else device_id
-                        for c in names}
+        self.devices = {c: uncond_device_id if c.partition(".")[0] == "dit_uncond" and uncond_device_id is not None
+                        else device_id for c in names}     # "dit_uncond.head" …: the first-block cache's pieces
         if shared_arena:
             for dev in sorted(set(self.devices.values())):
                 _register_shared_arena(ort, device, dev, arena_extend_strategy or "kSameAsRequested")
@@ -245,7 +245,7 @@ class OnnxRuntimeBackend:
         The e4m3 copy is made when the host tensor is bound, so it is released and the arena shrunk by an empty
         run before the next weight; kept, its freed region took later bf16 weights and stayed pinned
         (+25 GiB on the H100, which ran out of memory; §16)."""
-        ort, dq = self.ort, self.manifest.dequantize(component)
+        ort, dq = self.ort, self.manifest.dequantize(component, self.graph_variant)
         dev = self.devices[component]
         graph = self.manifest.root / dq["graph"]["file"]
         expected = {i.name for i in self.sessions[component].get_inputs()}
@@ -284,7 +284,7 @@ class OnnxRuntimeBackend:
         dev = self.devices[component]
         on_dev = [c for c, d in self.devices.items() if d == dev and self.manifest.dequantize(c) is not None]
         need = sum(2 * int(np.prod(w["weight"]["shape"], dtype=np.int64))
-                   for c in on_dev for w in self.manifest.dequantize(c)["weights"])
+                   for c in on_dev for w in self.manifest.dequantize(c, self.graph_variant)["weights"])
         return (f"dequantize_at_load: {self.device}:{dev} is out of memory at {component} weight {weight}. This mode "
                 f"holds every FP8 weight of {', '.join(on_dev)} as bf16 on that device ({need / 2**30:.1f} GiB of "
                 "weights alone; the full model at 1024² used 58.5 GiB of an H100, docs/tuning.md §16). Use the "
