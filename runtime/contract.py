@@ -31,6 +31,6 @@ def sha256_file(path: Path | str, chunk: int = HASH_CHUNK) -> str:
 
 def file_identity(path: Path | str) -> tuple[str, int, int, int, int, int]:
     """(resolved path, device, inode, size, mtime_ns, ctime_ns): a file whose identity is unchanged need not be
-    hashed again (the caches of runtime/manifest.verify and of the exporter's checkpoint hashes)."""
+    hashed again (the caches of runtime/verify.verify and of the exporter's checkpoint hashes)."""
     st = os.stat(path)
     return (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

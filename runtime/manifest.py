@@ -4,8 +4,8 @@
 format and version, the sections, the four components with their graph variants, weight files and I/O
 names, sampler presets, RoPE tables, limits and the tokenizer folder with its files' sha256 (format 3: the
 tokenizer and chat template are covered like the graphs); and that every file the manifest names exists
-with its recorded size. `verify(manifest)` checks sha256s (streamed) and remembers, for this
-process, which unchanged files it has already verified. Every problem is a `ManifestError` (a ValueError)
+with its recorded size. `verify(manifest)` (verify.py) checks sha256s and remembers which unchanged files it
+has already verified, in this process and across processes. Every problem is a `ManifestError` (a ValueError)
 naming the folder or file and what was expected.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Iterable
 import numpy as np
 
 from . import cache
-from .contract import HASH_CHUNK, file_identity, sha256_file
 from .schedule import SamplerPreset, lookup_preset
 from .schema import schema_error
 
@@ -422,60 +421,3 @@ def load_manifest(folder: Path | str) -> Manifest:
         raise ManifestError(f"{path}: bad sampler preset: {e}") from None
     _check_files(m)
     return m
-
-
-# ---------------------------------------------------------------------------------------------- verify
-
-_verified: set[tuple] = set()     # (path, dev, ino, size, mtime_ns, ctime_ns, sha256) hashed OK in this process
-
-
-def _sha256(path: Path, chunk: int | None = None) -> str:
-    return sha256_file(path, chunk or HASH_CHUNK)
-
-
-def _stat_key(path: Path, digest: str) -> tuple:
-    return (*file_identity(path), digest)
-
-
-def verify(manifest: Manifest, files: list[str] | None = None) -> list[str]:
-    """Check the sha256 of `files` (file names as in the manifest, or component names for all of a component's
-    files; default: every graph, weight and tokenizer file) against the manifest. Files verified earlier in this process
-    and unchanged since (same path, inode, size, mtime and ctime) are not read again. Returns the names that
-    were hashed this time; raises ManifestError naming the file, expected and actual hash on a mismatch."""
-    entries = {e["file"]: e for e in [*manifest.file_entries(), *manifest.tokenizer_entries]}
-    if files is None:
-        selected = list(entries.values())
-    else:
-        selected = []
-        for name in files:
-            if name in manifest.components:
-                selected += manifest.file_entries(name)
-            elif name in entries:
-                selected.append(entries[name])
-            else:
-                raise ManifestError(f"{manifest.path}: {name!r} is neither a file nor a component of the manifest; "
-                                    f"files: {', '.join(entries)}")
-    hashed = []
-    for entry in selected:
-        path = manifest.root / entry["file"]
-        try:
-            key = _stat_key(path, entry["sha256"])
-        except FileNotFoundError:
-            raise ManifestError(f"{manifest.path}: file {path} named by the manifest is missing") from None
-        if key in _verified:
-            continue
-        actual = _sha256(path)
-        hashed.append(entry["file"])
-        if actual != entry["sha256"]:
-            size = key[3]
-            raise ManifestError(f"{path}: sha256 mismatch: expected {entry['sha256']} ({entry['bytes']} bytes), "
-                                f"actual {actual} ({size} bytes); the file was modified or truncated after export "
-                                "(re-copy or re-run `make export`)")
-        if _stat_key(path, entry["sha256"]) == key:     # unchanged while it was read
-            _verified.add(key)
-    return hashed
-
-
-def forget_verified() -> None:
-    """Drop the in-process verification cache (tests, or after replacing files in place)."""
-    _verified.clear()

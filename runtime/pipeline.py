@@ -18,7 +18,8 @@ from PIL import Image
 
 from . import backends
 from .cache import DITS, CacheOptions, FirstBlockCache
-from .manifest import Manifest, load_manifest, verify
+from .manifest import Manifest, load_manifest
+from .verify import verify
 from .packing import token_grid
 from .request import MAX_SEED, NOISE_SHAPE_TAIL, Request, Sampling, prepare, resolve_sampling  # noqa: F401
 from .rope import dit_rope_tables
@@ -61,8 +62,8 @@ class Pipeline:
         self.load_uncond, self.cache = bool(load_uncond), cache
         names = tuple(options.pop("components", None) or self._components())    # a subset: scripts/bench.py
         if verify_checksums:   # what this backend reads; a backend that checks its own files (TensorRT) says so
-            def before_load(variant: str) -> None:
-                verify(self.manifest, self.manifest.files_for_variant(variant, names))
+            def before_load(variant: str, components=None) -> None:      # called from loading threads too
+                verify(self.manifest, self.manifest.files_for_variant(variant, components or names))
             options["before_load"] = before_load
         self.backend = backends.create(backend, self.manifest, components=names, **options)
         if verify_checksums:   # a no-op for files hashed above (unchanged since): the guarantee, not the work

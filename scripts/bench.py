@@ -294,6 +294,24 @@ def _bf16_rate() -> float:
     return 2 * 8192**3 * n / (time.perf_counter() - t) / 1e12
 
 
+def cmd_load_profile(a) -> None:
+    """Cold-start breakdown, one fresh process per scenario (scripts/load_profile.py)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import load_profile
+    root = Path(a.root)
+    out = Path(a.out) if a.out else None
+
+    def emit(rec):
+        record(root, rec)
+        if out is not None:
+            with open(out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+    w, h = (int(x) for x in a.warmup.lower().split("x"))
+    rc = load_profile.run(root, a.backend, _options(a.option), (w, h), a.scenarios.split(","), emit)
+    if rc:
+        raise SystemExit(rc)
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 def cmd_report(a) -> None:
@@ -356,6 +374,10 @@ def cmd_report(a) -> None:
                          f"{r['gpu_busy_ms']:.1f} ms busy of {r['wall_ms']:.1f} ms wall, "
                          f"{r['kernels_per_forward']:.0f} kernels; " +
                          ", ".join(f"{k} {v:.1f} ms" for k, v in r["by_class_ms"].items()))
+        if r["kind"] == "load-profile":
+            sys.path.insert(0, str(Path(__file__).parent))
+            from load_profile import summary_line
+            extra.append("\n" + summary_line(r))
         if r["kind"] == "profile":
             extra.append(f"\nonnxruntime profile, one {r['component']} forward at {r['width']}×{r['height']}: "
                          f"{r['total_kernel_ms']:.1f} ms of kernels; by op: " +
@@ -389,13 +411,19 @@ def main() -> None:
     pr.add_argument("--backend", default="auto")
     pr.add_argument("--size", default="1024x1024")
     pr.add_argument("--option", action="append", default=[], help="backend option key=value (as for runtime)")
+    lp = sub.add_parser("load-profile", help="cold-start breakdown (scripts/load_profile.py)")
+    lp.add_argument("--backend", default="onnxruntime-cuda")
+    lp.add_argument("--warmup", default="1024x1024", help="the warm-up size (the server's default size)")
+    lp.add_argument("--scenarios", default="sequential,parallel-uncached,parallel-cached,noverify,ort-phases")
+    lp.add_argument("--option", action="append", default=[], help="backend option key=value (as for runtime)")
+    lp.add_argument("--out", default="", help="also append the records to this file")
     r = sub.add_parser("report", help="report.md (tables) and chart.svg (step, image time, memory per path)")
     r.add_argument("--title", default=None, help="the chart's title (default: the folder's name)")
     for s in sub.choices.values():
         s.add_argument("--root", default="/tmp/ideogram4_bench")
     a = ap.parse_args()
     {"prepare": cmd_prepare, "runtime": cmd_runtime, "reference": cmd_reference, "profile": cmd_profile,
-     "report": cmd_report}[a.cmd](a)
+     "report": cmd_report, "load-profile": cmd_load_profile}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,13 @@
 #             CASES=1024x1024:V4_DEFAULT_20 before it to compare threshold 0 with the full graphs bit for bit
 #   check   : scripts/gpu_dequant_check.py on the tiny model (seconds): the cuda twin's FP8 MatMuls, no Memcpy,
 #             no weight Transpose left after onnxruntime's optimizations; latents vs dequantize_at_load
+#   load-profile: scripts/load_profile.py via bench.py: cold start to ready in fresh processes (sequential load
+#             without a digest cache, concurrent load with an empty then a filled cache, no checksums), per component
+#             sha256 / session-creation / warm-up times -> $OUT/load_profile.jsonl (docs/tuning.md §23)
+#   serve   : scripts/serve_bench.py on the prepared engines: in-process Pipeline.generate vs `ideogram4 serve` over
+#             HTTP and gRPC at 1024², the server's cold start to /readyz (digest cache filled, then empty), memory
+#             per replica -> $OUT/serve_bench.jsonl (+ server logs); Ray Serve from .device/serve/part-* (carried in
+#             the same call; scripts/stage_serve_wheels.sh) or /root/stage-serve/part-* (staged earlier)
 # Retired probes (their answers are in docs/tuning.md): scripts/README.md.
 # Every stage copies results.jsonl and report.md to $OUT.
 set -uo pipefail
@@ -62,6 +69,15 @@ for stage in "$@"; do
               python3 scripts/cache_bench.py report --root "$ROOT" > "${OUT:-/tmp}/cache_report.md" || rc=$? ;;
     profile)  $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 || rc=$? ;;
     profile-w8a8) $B profile --root "$ROOT" --backend onnxruntime-cuda --size 1024x1024 --option precision=w8a8 || rc=$? ;;
+    load-profile) $B load-profile --root "$ROOT" --backend onnxruntime-cuda --out "${OUT:-/tmp}/load_profile.jsonl" || rc=$? ;;
+    serve)    parts=$(ls .device/serve/part-* 2>/dev/null || ls /root/stage-serve/part-* 2>/dev/null)
+              if ! test -d /opt/serve/ray; then
+                { test -n "$parts" && mkdir -p /opt/serve && cat $parts | xz -dc | tar -x -C /opt/serve; } ||
+                  { echo "serve: no Ray Serve parts (run scripts/stage_serve_wheels.sh, carry .device/serve/part-0)"; rc=1; continue; }
+              fi
+              PYTHONPATH=/opt/serve:$PYTHONPATH python3 scripts/serve_bench.py --engines "$ROOT/engines" \
+                --backend onnxruntime-cuda --size 1024x1024 --preset V4_DEFAULT_20 --requests "${SERVE_REQUESTS:-3}" \
+                --uncached-start --out "${OUT:-/tmp}/serve_bench.jsonl" || rc=$? ;;
   esac
 done
 $B report --root "$ROOT" > /dev/null 2>&1

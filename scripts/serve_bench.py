@@ -6,6 +6,10 @@
    /readyz 200; then the same requests over HTTP and over gRPC (unary), one after the other; GPU memory
    (nvidia-smi) and host RSS of the server's processes when idle and at the peak.
 Overhead = median server latency - median in-process (generate + encode). One JSON object per line to --out.
+3. With --uncached-start: one more server start with an empty verified-digest cache (the first start after an
+   export or a copy: every file hashed), to /readyz, then SIGTERM.
+Every process here shares one digest cache file next to --out (runtime/verify.py): the in-process run fills it,
+so the measured server start is a restart's. The replica's own load and warm-up times come from its log line.
 
     python3 scripts/serve_bench.py --engines /tmp/ideogram4_bench/engines --backend onnxruntime-cuda \\
         --size 1024x1024 --preset V4_DEFAULT_20 --requests 5 --out $OUT/serve_bench.jsonl
@@ -16,6 +20,7 @@ import argparse
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -118,30 +123,55 @@ def http_generate(port, body, timeout=600):
         return json.loads(r.read())
 
 
-def server(args, width, height, base_generate, base_total, emit):
+REPLICA_LINE = re.compile(r"ideogram4 replica \S+: loaded in ([\d.]+) s, warmed up in ([\d.]+) s")
+
+
+def start_server(args, width, height, log_name: str, env: dict):
+    """`ideogram4 serve` in a subprocess, waited for until /readyz says 200: (process, ports, seconds, log path)."""
     port, grpc_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "ideogram4_engine.serve.cli", "serve", "--engines", args.engines, "--backend",
            args.backend, "--default-size", f"{width}x{height}", "--port", str(port), "--grpc-port", str(grpc_port),
            *args.serve_flag]
-    log = open(Path(args.out).with_suffix(".server.log"), "w")
-    gpu0 = gpu_used_mib()
+    log_path = Path(args.out).with_suffix(log_name)
+    log = open(log_path, "w")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}); see {log_path}")
+        time.sleep(0.1)
+    return proc, port, grpc_port, time.perf_counter() - t0, log_path, cmd
+
+
+def replica_times(log_path: Path) -> dict:
+    """The replica's Pipeline load and warm-up seconds, from its log line (serve/worker.py)."""
+    time.sleep(1.0)                  # Ray forwards the replica's stderr to the driver's log asynchronously
+    m = REPLICA_LINE.findall(log_path.read_text(errors="replace"))
+    return {"replica_load_s": float(m[-1][0]), "replica_warmup_s": float(m[-1][1])} if m else {}
+
+
+def stop_server(proc, emit, what: str) -> None:
+    t = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(300)
+    emit({"what": what, "exit_code": rc, "drain_and_stop_s": time.perf_counter() - t})
+
+
+def server(args, width, height, base_generate, base_total, emit, env):
+    gpu0 = gpu_used_mib()
+    proc, port, grpc_port, cold, log_path, cmd = start_server(args, width, height, ".server.log", env)
     peak = Peak(proc.pid)
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({proc.returncode}); see {log.name}")
-            time.sleep(0.1)
-        cold = time.perf_counter() - t0
         idle = {"gpu_used_mib": gpu_used_mib(), "gpu_used_before_mib": gpu0, "host_rss_mib": tree_rss_mib(proc.pid)}
-        emit({"what": "server_cold_start", "ready_s": cold, **idle, "command": " ".join(cmd)})
+        rep = replica_times(log_path)
+        emit({"what": "server_cold_start", "ready_s": cold, **rep, "digest_cache": "filled by the in-process run",
+              **idle, "command": " ".join(cmd)})
         body = {"prompt": PROMPT, "size": f"{width}x{height}", "preset": args.preset}
         http_generate(port, {**body, "seed": 0})                                   # first request
         lat, server_timings = [], []
@@ -161,13 +191,25 @@ def server(args, width, height, base_generate, base_total, emit):
                   "overhead_vs_generate_and_encode_s": statistics.median(lat_g) - base_total,
                   "overhead_fraction": (statistics.median(lat_g) - base_total) / base_total})
         peak.stop()
-        emit({"what": "server_memory", "idle": idle, "peak_gpu_used_mib": peak.gpu, "peak_host_rss_mib": peak.rss})
-        t = time.perf_counter()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(300)
-        emit({"what": "server_stop", "exit_code": rc, "drain_and_stop_s": time.perf_counter() - t})
+        emit({"what": "server_memory", "idle": idle, "peak_gpu_used_mib": peak.gpu, "peak_host_rss_mib": peak.rss,
+              "per_replica_gpu_mib": {k: v - gpu0.get(k, 0) for k, v in peak.gpu.items()}})
+        stop_server(proc, emit, "server_stop")
     finally:
         peak.stop() if not peak._stop.is_set() else None
+        if proc.poll() is None:
+            proc.kill()
+
+
+def uncached_start(args, width, height, emit, env):
+    """A start with an empty digest cache: every file the replica loads is hashed (a first start)."""
+    fresh = Path(args.out).with_suffix(".uncached-digests.json")
+    fresh.unlink(missing_ok=True)
+    proc, _, _, cold, log_path, _ = start_server(args, width, height, ".server-uncached.log",
+                                                 {**env, "IDEOGRAM4_VERIFY_CACHE": str(fresh)})
+    try:
+        emit({"what": "server_cold_start_uncached", "ready_s": cold, **replica_times(log_path)})
+        stop_server(proc, emit, "server_stop_uncached")
+    finally:
         if proc.poll() is None:
             proc.kill()
 
@@ -199,6 +241,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=5)
     ap.add_argument("--serve-flag", action="append", default=[], help="extra `ideogram4 serve` flag (repeatable)")
     ap.add_argument("--skip-in-process", action="store_true")
+    ap.add_argument("--uncached-start", action="store_true", help="also time a start with an empty digest cache")
     ap.add_argument("--in-process-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "serve_bench.jsonl"))
     args = ap.parse_args()
@@ -213,12 +256,16 @@ def main() -> int:
     if args.in_process_only:
         in_process(args, width, height, emit)
         return 0
+    env = {**os.environ, "IDEOGRAM4_VERIFY_CACHE": os.environ.get("IDEOGRAM4_VERIFY_CACHE")
+           or str(Path(args.out).with_suffix(".digests.json"))}
     base = (float("nan"), float("nan"))
     if not args.skip_in_process:     # in a child process: its GPU memory is gone before the server loads
-        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--in-process-only"], check=True)
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--in-process-only"], check=True, env=env)
         last = [json.loads(line) for line in open(args.out) if '"what": "in_process"' in line][-1]
         base = (last["median_generate_s"], last["median_total_s"])
-    server(args, width, height, *base, emit)
+    server(args, width, height, *base, emit, env)
+    if args.uncached_start:
+        uncached_start(args, width, height, emit, env)
     return 0
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from ..runtime.pipeline import Pipeline
 from .request import MODEL_ID, OUTPUT_FORMATS, Request
 
 WARMUP_PROMPT = "warm-up"
+WARMUP_GUIDANCE = 4.0
 GPU_SAMPLE_S = 5.0
 
 
@@ -84,9 +86,12 @@ class Worker:
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.synthetic = bool(self.pipe.manifest.synthetic)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="generate")
-        self.pipe.generate(WARMUP_PROMPT, width=warmup[0], height=warmup[1], steps=1, guidance=1.0, seed=0)
+        # guidance != 1: a guidance-1 step skips dit_uncond, which would then pay its first run in a request
+        self.pipe.generate(WARMUP_PROMPT, width=warmup[0], height=warmup[1], steps=1, guidance=WARMUP_GUIDANCE, seed=0)
         self.gpu = GpuMemory()
         self.ready_s = time.perf_counter() - t0
+        print(f"ideogram4 replica {self.replica}: loaded in {self.pipe.load_seconds:.2f} s, warmed up in "
+              f"{self.ready_s - self.pipe.load_seconds:.2f} s ({self.pipe.backend.name})", file=sys.stderr, flush=True)
 
     def info(self) -> dict:
         return {"replica": self.replica, "backend": self.pipe.backend.name, "load_s": self.pipe.load_seconds,

@@ -1,9 +1,15 @@
 """Shared fixtures: one tiny synthetic checkpoint per test session, and the reference pipeline over it."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The verified-digest cache (runtime/verify.py) off for the whole session, subprocesses (CLI, server) included:
+# tests never write to the user's cache folder and every process hashes what it loads, as the tests of the
+# checks expect. tests/test_runtime_verify.py turns it on, with a file of its own.
+os.environ["IDEOGRAM4_VERIFY_CACHE"] = "off"
 
 
 def _tensorrt_rtx() -> tuple[bool, str]:

@@ -59,8 +59,9 @@ def check_options(name: str, given: dict) -> None:
 
 def create(name: str, manifest, before_load=None, **given) -> Backend:
     """Instantiate a backend by name; "auto" tries the fastest first and says why each one was skipped.
-    before_load(graph_variant), if given, runs once the backend knows it can run here and which graph files it
-    will read, before it reads any (the Pipeline checks their sha256 there). TensorRT checks its engines' sha256
+    before_load(graph_variant, components), if given, runs once the backend knows it can run here and which graph
+    files it will read, before it reads any of those components' files (components None: all; the Pipeline checks
+    their sha256 there; it may be called from several threads at once). TensorRT checks its engines' sha256
     on the bytes it deserializes and reads no graph files, so it does not call it."""
     if name == "auto":
         check_options(name, given)

@@ -16,6 +16,7 @@ Two ways to hold the FP8 weights (docs/tuning.md):
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,8 @@ class OnnxRuntimeBackend(Backend):
                  arena_extend_strategy: str | None = None, dequantize_at_load: bool = False,
                  uncond_device_id: int | None = None, shared_arena: bool = True,
                  fused_kernels: bool | None = None, kernels_library: str | None = None,
-                 precision: str = "faithful", cuda_graph: bool = False, before_load=None):
+                 precision: str = "faithful", cuda_graph: bool = False, parallel_load: bool = True,
+                 before_load=None):
         """Constant folding is on for CUDA (it computes the FP8 MatMuls' fp32 row scales once; no DequantizeLinear
         of an initializer is left in those graphs) and off for the CPU, whose twin dequantizes every e4m3 weight
         per run and would otherwise hold them all as fp32.
@@ -73,7 +75,11 @@ class OnnxRuntimeBackend(Backend):
         next, down to the stock cuda graphs.
         cuda_graph=True (CUDA, opt-in): the DiT sessions replay onnxruntime CUDA graphs, one per input-shape set
         (backends/cuda_graphs.py: fixed-address IO buffers, their own arenas, so more memory); a capture that fails
-        costs one CudaGraphOff warning and that DiT runs without capture."""
+        costs one CudaGraphOff warning and that DiT runs without capture.
+        parallel_load=True (default): the components load side by side, one thread each: a component's files are
+        hashed (before_load), then its session is created, so hashing overlaps session creation and the sessions
+        are built at the same time (hashlib and onnxruntime's session creation release the GIL; docs/tuning.md
+        §23). False: every file hashed first, then the sessions one after the other (the earlier behaviour)."""
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -100,6 +106,7 @@ class OnnxRuntimeBackend(Backend):
         self.name = f"onnxruntime-{device}"
         self.graph_variant = VARIANT[device] + (LOAD_DEQUANTIZED if dequantize_at_load else "")
         self._before_load = before_load     # e.g. the Pipeline's sha256 check: graphs are hashed before parsing
+        self._parallel_load = parallel_load
         self.device, self.device_id = device, device_id
         self.manifest = manifest
         self._threads, self._arena = threads, arena_extend_strategy
@@ -135,7 +142,6 @@ class OnnxRuntimeBackend(Backend):
         self.parallel = len(set(self.devices.values())) > 1      # CFG-parallel: graphs on two GPUs
         self._pool = None
         if self.parallel:
-            from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ort-cfg")
 
     def _plan(self, wanted: bool | None, library: str | None, precision: str) -> list[tuple[str, str, Any]]:
@@ -168,21 +174,37 @@ class OnnxRuntimeBackend(Backend):
         return plan if wanted else plan + [(base, "faithful", None)]
 
     def _sessions(self, names) -> dict:
-        if self._before_load is not None:     # the variant is final here: hash what is about to be parsed
-            self._before_load(self.graph_variant)
+        """One session per component, each component's files hashed (before_load) before its graph is parsed:
+        the variant is final here. See parallel_load."""
         self._runners = {}
-        out = {}
-        for c in names:
-            path, dev = self.manifest.graph_path(c, self.graph_variant), self.devices[c]
-            if c in self._graph_components:
-                def make(graph: bool, path=path, dev=dev):
-                    return self._session(path, dev, cuda_graph=graph,
-                                         opts=self._options(self._shared_arena and not graph))
-                self._runners[c] = GraphRunner(self.ort, c, dev, make, lambda sess, inputs, c=c: self._run(c, sess, inputs))
-                out[c] = self._runners[c].session
-            else:
-                out[c] = self._session(path, dev)
-        return out
+        check = self._before_load or (lambda variant, components: None)
+        # options made here, in this thread: registering the op library is not thread-safe the first time
+        opts = {c: self._options(self._shared_arena and c not in self._graph_components) for c in names}
+        if not self._parallel_load:
+            check(self.graph_variant, None)
+            return {c: self._component_session(c, opts[c]) for c in names}
+
+        def load(c: str):
+            check(self.graph_variant, (c,))
+            return self._component_session(c, opts[c])
+
+        with ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="ort-load") as pool:
+            futures = {c: pool.submit(load, c) for c in names}
+        failed = [f.exception() for f in futures.values() if f.exception() is not None]
+        if failed:
+            raise failed[0]
+        return {c: f.result() for c, f in futures.items()}
+
+    def _component_session(self, c: str, opts):
+        path, dev = self.manifest.graph_path(c, self.graph_variant), self.devices[c]
+        if c not in self._graph_components:
+            return self._session(path, dev, opts=opts)
+
+        def make(graph: bool):      # captured: its own arena (cuda_graphs.py); the plain fallback: the shared one
+            return self._session(path, dev, cuda_graph=graph, opts=opts if graph else self._options(self._shared_arena))
+        runner = GraphRunner(self.ort, c, dev, make, lambda sess, inputs: self._run(c, sess, inputs))
+        self._runners[c] = runner
+        return runner.session
 
     def _options(self, shared_arena: bool):
         opts = self.ort.SessionOptions()

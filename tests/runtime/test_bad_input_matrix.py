@@ -24,7 +24,7 @@ import pytest
 
 from ideogram4_engine.runtime import errors
 from ideogram4_engine.runtime.cli import main as cli_main
-from ideogram4_engine.runtime.manifest import forget_verified
+from ideogram4_engine.runtime.verify import forget_verified
 
 BASE = ["--width", "256", "--height", "256", "--backend", "onnxruntime-cpu"]
 QUICK = ["--steps", "1", "--guidance", "7"]        # rows that get as far as generating
@@ -305,11 +305,11 @@ def _tree(folder: Path) -> list[str]:
 
 
 def _forbid_loading(monkeypatch):
-    from ideogram4_engine.runtime import backends, manifest
+    from ideogram4_engine.runtime import backends, verify
 
     def fail(*a, **k):
         raise AssertionError("the request was not refused before hashing/loading")
-    monkeypatch.setattr(manifest, "_sha256", fail)
+    monkeypatch.setattr(verify, "_sha256", fail)
     monkeypatch.setattr(backends, "create", fail)
 
 

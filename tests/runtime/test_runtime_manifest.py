@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from ideogram4_engine.export.reference.dit import rope_inv_freq
-from ideogram4_engine.runtime import manifest as manifest_mod
-from ideogram4_engine.runtime.manifest import Manifest, ManifestError, forget_verified, load_manifest, verify
+from ideogram4_engine.runtime import contract
+from ideogram4_engine.runtime import verify as verify_mod
+from ideogram4_engine.runtime.manifest import Manifest, ManifestError, load_manifest
+from ideogram4_engine.runtime.verify import forget_verified, verify
 from ideogram4_engine.runtime.packing import MAX_ASPECT, MAX_SIDE, MAX_TEXT_TOKENS, MIN_SIDE, PIXELS_PER_TOKEN
 from ideogram4_engine.runtime.schedule import DEFAULT_PRESET, PRESETS
 from ideogram4_engine.runtime.tokenizer import PromptTokenizer
@@ -202,7 +204,7 @@ def test_verify_detects_a_flipped_byte(copy):
         verify(m)
     msg = str(e.value)
     assert "dit_uncond.onnx.data" in msg and "sha256 mismatch" in msg and f"expected {expected}" in msg
-    actual = manifest_mod._sha256(data)
+    actual = verify_mod._sha256(data)
     assert f"actual {actual}" in msg and actual != expected
     assert verify(m, ["dit_cond"]) == []                 # other components are still fine (and cached)
     with pytest.raises(ManifestError, match="dit_uncond.onnx.data"):
@@ -215,8 +217,8 @@ def test_verify_cache(copy, monkeypatch):
     forget_verified()
     m = load_manifest(copy)
     calls = []
-    real = manifest_mod._sha256
-    monkeypatch.setattr(manifest_mod, "_sha256", lambda p, *a: calls.append(Path(p).name) or real(p, *a))
+    real = verify_mod._sha256
+    monkeypatch.setattr(verify_mod, "_sha256", lambda p, *a: calls.append(Path(p).name) or real(p, *a))
     assert verify(m, ["text_encoder"]) == ["text_encoder.onnx", "text_encoder.cuda.onnx", "text_encoder.cpu.onnx",
                                            "text_encoder.cuda_dql.onnx", "text_encoder.cpu_dql.onnx",
                                            "text_encoder.cuda_fused.onnx", "text_encoder.cuda_fused_dql.onnx",
@@ -243,7 +245,7 @@ def test_verify_cache(copy, monkeypatch):
 
 def test_verify_streams_in_chunks(copy, monkeypatch):
     """Hashing reads bounded chunks, never the whole file at once."""
-    monkeypatch.setattr(manifest_mod, "HASH_CHUNK", 4096)
+    monkeypatch.setattr(verify_mod, "HASH_CHUNK", 4096)
     forget_verified()
     m = load_manifest(copy)
     sizes = []
@@ -263,7 +265,6 @@ def test_verify_streams_in_chunks(copy, monkeypatch):
         def __exit__(self, *exc):
             self.f.close()
 
-    from ideogram4_engine.runtime import contract
     monkeypatch.setattr(contract, "open", lambda *a, **k: Spy(real_open(*a, **k)), raising=False)
     verify(m, ["vae_decoder.onnx.data"])
     assert sizes and max(sizes) == 4096 and len(sizes) > (copy / "vae_decoder.onnx.data").stat().st_size // 4096
