@@ -15,7 +15,7 @@ EXAMPLES = {"device_id": 0, "components": ("guided_step",), "threads": 1, "arena
             "dequantize_at_load": True, "uncond_device_id": 1, "shared_arena": False, "fused_kernels": False,
             "kernels_library": "/nowhere.so", "precision": "w8a8", "cuda_graph": True, "cuda_graphs": True,
             "runtime_cache": False, "verify_engines": False, "memory_mode": "on_demand",
-            "weight_streaming_budget": "auto"}
+            "weight_streaming_budget": "auto", "parallel_load": False}
 
 
 def test_every_backend_declares_its_options_with_types():
