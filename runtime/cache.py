@@ -125,6 +125,14 @@ def check_sections(raw: dict, fail: Callable[[str], None], file_entry: Callable)
                 file_entry(e, f"components.{d}.first_block_cache.{p}.graphs.{v}")
 
 
+def cache_label(cache) -> str:
+    """The first-block cache's settings as the PNG metadata and reports record them ("off" without)."""
+    if cache is None:
+        return "off"
+    return (f"threshold={cache.threshold!r},warmup={cache.warmup},max_consecutive={cache.max_consecutive},"
+            f"taylor={cache.taylor}")
+
+
 # ---------------------------------------------------------------------------------------------- running
 
 @dataclass

@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 
 from . import errors
+from .cache import cache_label
 from .cli_args import (HelpFormatter, add_cache_arguments, add_prompt_arguments, cache_options, finite_float,
                        guidance_values, read_prompts)
 from .image import check_writable, save_pngs
@@ -63,14 +64,6 @@ def _backend_options(args) -> dict:
             shown = FLAGS[option] + (f" {value}" if isinstance(value, str) else "")
             raise ValueError(f"{shown} needs --backend {' or '.join(where)} (got --backend {args.backend})")
     return options
-
-
-def cache_label(cache) -> str:
-    """The first-block cache's settings as the PNG metadata and reports record them ("off" without)."""
-    if cache is None:
-        return "off"
-    return (f"threshold={cache.threshold!r},warmup={cache.warmup},max_consecutive={cache.max_consecutive},"
-            f"taylor={cache.taylor}")
 
 
 def png_metadata(request, index: int, backend: str, synthetic: bool, precision: str = "faithful",

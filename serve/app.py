@@ -315,19 +315,6 @@ def build(config: ServeConfig):
                         config.engines, limits, config.max_queue)
 
 
-def app_builder(args: dict):
-    """Application builder for Ray's own tooling (`serve run`, `serve deploy`, KubeRay's RayService):
-    import_path `ideogram4_engine.serve.app:app_builder`, args = the `ideogram4 serve` flags as a mapping
-    (engines, backend, replicas, max_replicas, max_queue, default_size, ...), checked like the command line.
-    HTTP/gRPC ports and the gRPC servicer are the cluster's Serve options (docs/serving.md)."""
-    import ray
-
-    from .cli import config_from_mapping
-
-    config, _ = config_from_mapping(dict(args))
-    return build(with_gpu_default(config, ray.cluster_resources().get("GPU", 0)))
-
-
 def with_gpu_default(config: ServeConfig, cluster_gpus: float) -> ServeConfig:
     """GPUs per replica when not given: 1 (2 with CFG-parallel) on a cluster with GPUs, else 0."""
     if config.gpus_per_replica is None:

@@ -78,9 +78,11 @@ def _config(args):
     options = {}
     if args.dequantize_at_load:
         options["dequantize_at_load"] = True
+    from ..runtime import backends
     if args.cfg_parallel:
-        if args.backend != "onnxruntime-cuda":
-            raise ValueError(f"--cfg-parallel needs --backend onnxruntime-cuda (got --backend {args.backend})")
+        if args.backend not in backends.taking("uncond_device_id"):
+            raise ValueError(f"--cfg-parallel needs --backend {' or '.join(backends.taking('uncond_device_id'))} "
+                             f"(got --backend {args.backend})")
         options["uncond_device_id"] = 1
     from ..runtime.cli_args import cache_options
     if cache_options(args) is not None:
@@ -232,3 +234,16 @@ if __name__ == "__main__":
     add_parser(ap.add_subparsers(dest="cmd", required=True))
     a = ap.parse_args()
     sys.exit(a.func(a))
+
+
+def app_builder(args: dict):
+    """Application builder for Ray's own tooling (`serve run`, `serve deploy`, KubeRay's RayService):
+    import_path `ideogram4_engine.serve.cli:app_builder`, args = the `ideogram4 serve` flags as a mapping
+    (engines, backend, replicas, max_replicas, max_queue, default_size, ...), checked like the command line.
+    HTTP/gRPC ports and the gRPC servicer are the cluster's Serve options (docs/serving.md)."""
+    import ray
+
+    from .app import build, with_gpu_default
+
+    config, _ = config_from_mapping(dict(args))
+    return build(with_gpu_default(config, ray.cluster_resources().get("GPU", 0)))

@@ -21,7 +21,7 @@ from typing import AsyncIterator
 
 from PIL import Image, PngImagePlugin
 
-from ..runtime.cli import cache_label
+from ..runtime.cache import cache_label
 from ..runtime.pipeline import Pipeline
 from .request import MODEL_ID, OUTPUT_FORMATS, Request
 

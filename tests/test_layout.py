@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"export": "ideogram4_engine.export", "runtime": "ideogram4_engine.runtime",
             "serve": "ideogram4_engine.serve"}
-CYCLE_FREE = ("ideogram4_engine.export", "ideogram4_engine.runtime")   # serve: cli <-> app (ray loaded lazily) remains
+CYCLE_FREE = ("ideogram4_engine.export", "ideogram4_engine.runtime", "ideogram4_engine.serve")
 MAX_LINES = 520
 
 
