@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -296,9 +295,8 @@ def _bf16_rate() -> float:
 
 
 def cmd_load_profile(a) -> None:
-    """Cold-start breakdown, one fresh process per scenario (scripts/load_profile.py)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    import load_profile
+    """Cold-start breakdown, one fresh process per scenario (export/load_profile.py)."""
+    from ideogram4_engine.export import load_profile
     root = Path(a.root)
     out = Path(a.out) if a.out else None
 
@@ -376,8 +374,7 @@ def cmd_report(a) -> None:
                          f"{r['kernels_per_forward']:.0f} kernels; " +
                          ", ".join(f"{k} {v:.1f} ms" for k, v in r["by_class_ms"].items()))
         if r["kind"] == "load-profile":
-            sys.path.insert(0, str(Path(__file__).parent))
-            from load_profile import summary_line
+            from ideogram4_engine.export.load_profile import summary_line
             extra.append("\n" + summary_line(r))
         if r["kind"] == "profile":
             extra.append(f"\nonnxruntime profile, one {r['component']} forward at {r['width']}×{r['height']}: "
@@ -412,7 +409,7 @@ def main() -> None:
     pr.add_argument("--backend", default="auto")
     pr.add_argument("--size", default="1024x1024")
     pr.add_argument("--option", action="append", default=[], help="backend option key=value (as for runtime)")
-    lp = sub.add_parser("load-profile", help="cold-start breakdown (scripts/load_profile.py)")
+    lp = sub.add_parser("load-profile", help="cold-start breakdown (export/load_profile.py)")
     lp.add_argument("--backend", default="onnxruntime-cuda")
     lp.add_argument("--warmup", default="1024x1024", help="the warm-up size (the server's default size)")
     lp.add_argument("--scenarios", default="sequential,parallel-uncached,parallel-cached,noverify,ort-phases")

@@ -26,7 +26,7 @@
 #             CASES=1024x1024:V4_DEFAULT_20 before it to compare threshold 0 with the full graphs bit for bit
 #   check   : scripts/gpu_dequant_check.py on the tiny model (seconds): the cuda twin's FP8 MatMuls, no Memcpy,
 #             no weight Transpose left after onnxruntime's optimizations; latents vs dequantize_at_load
-#   load-profile: scripts/load_profile.py via bench.py: cold start to ready in fresh processes (sequential load
+#   load-profile: export/load_profile.py via bench.py: cold start to ready in fresh processes (sequential load
 #             without a digest cache, concurrent load with an empty then a filled cache, no checksums), per component
 #             sha256 / session-creation / warm-up times -> $OUT/load_profile.jsonl (docs/tuning.md §23)
 #   serve   : scripts/serve_bench.py on the prepared engines: in-process Pipeline.generate vs `ideogram4 serve` over

@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from .devtools import gpu_memory_used_mib
+
 SCENARIOS = {
     "sequential": ({"parallel_load": False}, "off"),
     "parallel-uncached": ({}, "fresh"),
@@ -42,15 +44,6 @@ def _union(intervals: list[tuple[float, float]]) -> float:
             total += b - max(a, end)
             end = b
     return total
-
-
-def _gpu_mib() -> list[int] | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20).stdout
-        return [int(x) for x in out.split()] or None
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
 
 
 def _profile_sessions(Backend, phases: dict, lock) -> None:
@@ -119,7 +112,7 @@ def child(engines: Path, backend: str, options: dict, warmup: tuple[int, int], s
     t_pipe = time.perf_counter()
     pipe = Pipeline(manifest, backend=backend, tokenizer=tokenizer, **options)
     pipeline_s = time.perf_counter() - t_pipe
-    gpu_after_load = _gpu_mib()
+    gpu_after_load = gpu_memory_used_mib()
     import resource
     host_peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # concurrent loads hold more at once
 
@@ -170,7 +163,7 @@ def child(engines: Path, backend: str, options: dict, warmup: tuple[int, int], s
             "uncovered_s": pipeline_s - _union(inside), "components": components,
             "warmup_first": warm[0], "warmup_second": warm[1], "gpu_mib_after_load": gpu_after_load,
             "host_peak_rss_mib_load": host_peak_mib,
-            "gpu_mib_after_warmup": _gpu_mib(), "ort_session_phases_s": phases, "events": events}
+            "gpu_mib_after_warmup": gpu_memory_used_mib(), "ort_session_phases_s": phases, "events": events}
 
 
 def read_rates(engines: Path) -> dict:
@@ -210,7 +203,8 @@ def run(root: Path, backend: str, options: dict, warmup: tuple[int, int], scenar
         spec = json.dumps({"engines": str(engines), "backend": backend, "options": {**options, **extra},
                            "warmup": list(warmup), "ort_profile": name == "ort-phases"})
         spawned = time.time()
-        r = subprocess.run([sys.executable, __file__, "--child", spec, repr(spawned)], env=env, capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "ideogram4_engine.export.load_profile", "--child", spec, repr(spawned)],
+                           env=env, capture_output=True,
                            text=True)
         wall = time.time() - spawned
         if r.returncode:

@@ -1,4 +1,4 @@
-"""The cold-start instrument (`scripts/bench.py load-profile`, scripts/load_profile.py) on the tiny engines, CPU."""
+"""The cold-start instrument (`scripts/bench.py load-profile`, export/load_profile.py) on the tiny engines, CPU."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_load_profile_breaks_a_cold_start_down(tiny_engines, tmp_path):
