@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ideogram4_engine.export.devtools import PROMPT, noise_for, parse_cases, record  # noqa: F401 (cache_bench, tests)
+from ideogram4_engine.export.devtools import PROMPT, gpu_memory_used_mib, noise_for, parse_cases, record
 
 DIT_MACS_PER_TOKEN_PER_BLOCK = 254_803_968   # spec §2.3 (real widths)
 
@@ -90,7 +90,7 @@ def cmd_runtime(a) -> None:
     for w, h, preset in parse_cases(a.cases):
         noise = noise_for(w, h)
         pipe.generate(PROMPT, width=w, height=h, steps=1, guidance=7.0, noise=noise)      # warm this shape
-        warm_mem = _nvidia_smi_used()       # against the figure after the full run: does the arena keep growing?
+        warm_mem = gpu_memory_used_mib()       # against the figure after the full run: does the arena keep growing?
         if first:
             cold = time.perf_counter() - t0
             first = False
@@ -98,7 +98,7 @@ def cmd_runtime(a) -> None:
         res = pipe.generate(PROMPT, width=w, height=h, preset=preset, noise=noise)
         T, N = len(res.token_ids[0]), (h // 16) * (w // 16)
         st = summarise(timer.times)
-        mem = _nvidia_smi_used()
+        mem = gpu_memory_used_mib()
         rec = {"kind": "runtime" + "".join(f" {k}={v}" for k, v in options.items()) + (f" {a.label}" if a.label else ""),
                "backend": pipe.backend.name, "graph_variant": pipe.backend.graph_variant,
                "width": w, "height": h, "preset": preset,
@@ -221,11 +221,6 @@ def _profile_kernels(pipe, root: Path, size: str, runs: int = 3) -> None:
                   "kernels_per_forward": sum(v[1] for v in kernels.values()),
                   "by_class_ms": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
                   "top_kernels": [{"name": n[:160], "ms": round(v[0], 3), "calls": round(v[1], 1)} for n, v in top]})
-
-
-def _nvidia_smi_used():
-    from ideogram4_engine.export.devtools import gpu_memory_used_mib
-    return gpu_memory_used_mib()
 
 
 # ------------------------------------------------------------------------------------------------- reference
